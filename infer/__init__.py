@@ -1,0 +1,1 @@
+"""Inference: KV-cached batching engine, OpenAI-compatible server, chat CLI and web UI."""

@@ -1,0 +1,196 @@
+"""Checkpoint directories (SPEC §5): config.json + model.safetensors + tokenizer files.
+
+A checkpoint is written into a hidden temp directory beside its target and renamed into place, so
+a killed process never leaves a half-written directory under a valid name. Loading checks every
+file it reads and names the file and the problem when something is wrong.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minimind.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a directory by calling fill(tmp) on a temp dir, then renaming it to `target`.
+
+    An existing `target` is replaced only after the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with tied lm_head dropped (safetensors refuses shared storage)."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(
+    path,
+    model: torch.nn.Module,
+    tokenizer_dir=None,
+    extra: Callable[[Path], None] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write model (its config, weights), the tokenizer files found in tokenizer_dir, and whatever
+    `extra(tmp_dir)` adds (e.g. trainer_state/), atomically to `path`."""
+
+    def fill(tmp: Path):
+        model.config.save(tmp / CONFIG_FILE)
+        meta = {"format": "minimind", **{k: str(v) for k, v in (metadata or {}).items()}}
+        save_file(state_dict_for_save(model), tmp / WEIGHTS_FILE, metadata=meta)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return atomic_dir(Path(path), fill)
+
+
+def copy_tokenizer(src, dst) -> None:
+    src = Path(src)
+    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if "tokenizer.json" not in found:
+        raise CheckpointError(f"{src}: no tokenizer.json, not a tokenizer directory")
+    for name in found:
+        shutil.copyfile(src / name, Path(dst) / name)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint dir as is; a run dir -> its newest complete step-N checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory with {CONFIG_FILE})")
+    if (path / CONFIG_FILE).exists():
+        return path
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in path.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()
+    )
+    if not steps:
+        raise CheckpointError(f"{path}: neither a checkpoint ({CONFIG_FILE} missing) nor a run with step-N checkpoints")
+    return steps[-1][1]
+
+
+def load_config(ckpt) -> ModelConfig:
+    file = Path(ckpt) / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def load_weights(ckpt, device="cpu") -> dict[str, torch.Tensor]:
+    file = Path(ckpt) / WEIGHTS_FILE
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(file, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        size = file.stat().st_size
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({size} bytes): {e}") from None
+
+
+def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source) -> None:
+    """Copy sd into model, checking names, shapes and dtypes, with errors naming `source`."""
+    expected = state_dict_for_save(model)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}")
+        raise CheckpointError(f"{source}: does not match config.json's architecture; " + "; ".join(parts))
+    for name, tensor in sd.items():
+        want = expected[name]
+        if tensor.shape != want.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
+            )
+    model.load_state_dict(sd, strict=False)  # lm_head is tied, everything else was checked above
+
+
+def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch.dtype | None = None):
+    """-> (model in eval mode, checkpoint dir). `kernels` overrides the runtime kernel choice."""
+    from minimind.model import MiniMindForCausalLM
+
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if kernels is not None:
+        config.kernels = kernels
+    sd = load_weights(ckpt, device)
+    with torch.device(device):
+        model = MiniMindForCausalLM(config, device=device)
+    load_state_into(model, sd, ckpt / WEIGHTS_FILE)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), ckpt

@@ -1,0 +1,245 @@
+"""The `minimind` console script: one parser per subcommand (SPEC §2), handlers imported lazily.
+
+A handler is `module:function`, called with the parsed arguments and returning an exit code. A
+subcommand whose module does not exist yet says so and exits 1; usage errors exit 2 and name the flag.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
+KERNELS = ("auto", "torch", "triton", "liger")
+
+HANDLERS = {
+    "synth": "minimind.data.synth:run",
+    "tokenizer": "minimind.data.tokenizer:run",
+    "prepare": "minimind.data.prepare:run",
+    "train": "minimind.train:run",
+    "info": "minimind.cli:run_info",
+    "chat": "infer.chat:run",
+    "serve": "infer.server:run",
+    "eval choice": "minimind.eval.choice:run",
+    "eval ppl": "minimind.eval.ppl:run",
+    "eval lm-eval": "minimind.eval.lm_eval:run",
+    "export": "minimind.interop.export:run",
+    "import": "minimind.interop.importer:run",
+}
+
+
+def existing_path(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {value}")
+    return path
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of SPEC §5; None means 'the stage's default'."""
+    p.add_argument("--stage", required=True, choices=STAGES)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="PRESET", help="start from a fresh preset (tiny, small, base, moe)")
+    src.add_argument("--init", type=existing_path, metavar="CKPT", help="start from a checkpoint or run dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable, type-checked)")
+    p.add_argument("--data", type=existing_path, metavar="PATH", help="prepared data dir or raw .jsonl")
+    p.add_argument("--val-data", type=existing_path, metavar="PATH")
+    p.add_argument("--eval-every", type=positive_int, metavar="N")
+    p.add_argument("--tokenizer", type=existing_path, metavar="DIR")
+    p.add_argument("--out", type=Path, metavar="DIR")
+    p.add_argument("--max-steps", type=positive_int, metavar="N")
+    p.add_argument("--epochs", type=float, metavar="N")
+    p.add_argument("--max-time", type=float, metavar="SECONDS")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seq-len", type=positive_int)
+    p.add_argument("--grad-accum", type=positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--kernels", choices=KERNELS)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=positive_int, metavar="N")
+    p.add_argument("--keep", type=positive_int, metavar="N")
+    p.add_argument("--log-every", type=positive_int, metavar="N")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless a key is set)")
+    p.add_argument("--deepspeed", type=existing_path, metavar="CONFIG.json")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    dpo = p.add_argument_group("dpo")
+    dpo.add_argument("--ref", type=existing_path, metavar="CKPT")
+    dpo.add_argument("--beta", type=float)
+    distill = p.add_argument_group("distill")
+    distill.add_argument("--teacher", type=existing_path, metavar="CKPT")
+    distill.add_argument("--temperature", type=float)
+    distill.add_argument("--alpha", type=float)
+    lora = p.add_argument_group("lora")
+    lora.add_argument("--lora-rank", type=positive_int)
+    lora.add_argument("--lora-alpha", type=float)
+    lora.add_argument("--lora-targets", metavar="NAMES", help="comma-separated module names")
+    grpo = p.add_argument_group("grpo")
+    grpo.add_argument("--group-size", type=positive_int)
+    grpo.add_argument("--max-new-tokens", type=positive_int)
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
+    p.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimind", description="Train, serve and evaluate small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the built-in synthetic corpus")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--input", type=existing_path, nargs="+", required=True, metavar="FILE")
+    p.add_argument("--vocab-size", type=positive_int, default=6400)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+
+    p = sub.add_parser("prepare", help="tokenize jsonl into memory-mapped training data")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--input", type=existing_path, required=True, metavar="FILE.jsonl")
+    p.add_argument("--tokenizer", type=existing_path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--max-seq-len", type=positive_int, default=512)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
+
+    p = sub.add_parser("train", help="train a model (same as train.py)")
+    add_train_arguments(p)
+
+    p = sub.add_parser("info", help="print a model's config and parameter counts as JSON")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", metavar="PRESET")
+    g.add_argument("--ckpt", type=existing_path, metavar="CKPT")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+
+    p = sub.add_parser("chat", help="interactive terminal chat")
+    p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    p.add_argument("--lora", type=existing_path, metavar="DIR")
+    _sampling_arguments(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    p.add_argument("--lora", type=existing_path, metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", metavar="KEY")
+    p.add_argument("--model-name", metavar="ID")
+    p.add_argument("--max-batch", type=positive_int, default=32)
+    p.add_argument("--max-queue", type=positive_int, default=256)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    ev = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
+    q = ev.add_parser("choice", help="multiple-choice accuracy (C-Eval CSV)")
+    q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    q.add_argument("--data", type=existing_path, required=True, metavar="CSV_OR_DIR")
+    q = ev.add_parser("ppl", help="perplexity and bits per byte")
+    q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    q.add_argument("--data", type=existing_path, required=True, metavar="FILE")
+    q = ev.add_parser("lm-eval", help="lm-evaluation-harness tasks")
+    q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    q.add_argument("--tasks", required=True, metavar="T")
+    q.add_argument("--include-path", type=existing_path, metavar="DIR")
+
+    p = sub.add_parser("export", help="export to a stock transformers directory")
+    p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--format", choices=("hf",), default="hf")
+    p.add_argument("--lora-format", choices=("merged", "peft"), default="merged")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("import", help="import a MiniMind .pth or a Hugging Face directory")
+    p.add_argument("--from", dest="source", choices=("minimind-pth", "hf"), required=True)
+    p.add_argument("path", type=existing_path, metavar="FILE_OR_DIR")
+    p.add_argument("--config", metavar="PRESET")
+    p.add_argument("--out", type=Path, required=True, metavar="CKPT")
+    return parser
+
+
+def _handler(args):
+    key = args.command if args.command != "eval" else f"eval {args.eval_command}"
+    module_name, func = HANDLERS[key].split(":")
+    if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None or importlib.util.find_spec(module_name) is None:
+        return key, None
+    return key, getattr(importlib.import_module(module_name), func)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    key, handler = _handler(args)
+    if handler is None:
+        print(f"minimind {key}: not implemented yet", file=sys.stderr)
+        return 1
+    return handler(args) or 0
+
+
+def train_main(argv=None) -> int:
+    """Entry of train.py (what torchrun and deepspeed launch)."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a minimind model (SPEC §5).")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = "train"
+    _, handler = _handler(args)
+    if handler is None:
+        print("train.py: not implemented yet", file=sys.stderr)
+        return 1
+    return handler(args) or 0
+
+
+def run_info(args) -> int:
+    import torch
+
+    from minimind.checkpoint import CheckpointError, load_config
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+
+    try:
+        if args.ckpt is not None:
+            from minimind.checkpoint import resolve_checkpoint
+
+            config = load_config(resolve_checkpoint(args.ckpt))
+        else:
+            config = ModelConfig.from_preset(args.model, args.overrides)
+    except (CheckpointError, ValueError) as e:
+        print(f"minimind info: {e}", file=sys.stderr)
+        return 2
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = MiniMindForCausalLM(config)
+    out = {
+        "config": config.to_dict(),
+        "params_total": model.num_params(),
+        "params_active": model.num_params(active=True),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
