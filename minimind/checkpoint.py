@@ -119,16 +119,26 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory with {CONFIG_FILE})")
-    if (path / CONFIG_FILE).exists():
+    if (path / CONFIG_FILE).exists() or is_lora_checkpoint(path):
         return path
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in path.iterdir()
-        if (m := STEP_DIR.match(p.name)) and (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()
-    )
+    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and _complete(p))
     if not steps:
         raise CheckpointError(f"{path}: neither a checkpoint ({CONFIG_FILE} missing) nor a run with step-N checkpoints")
     return steps[-1][1]
+
+
+def is_lora_checkpoint(path) -> bool:
+    from minimind.lora import ADAPTER_CONFIG
+
+    return (Path(path) / ADAPTER_CONFIG).exists() and not (Path(path) / CONFIG_FILE).exists()
+
+
+def _complete(p: Path) -> bool:
+    from minimind.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
+        (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
+    )
 
 
 def load_config(ckpt) -> ModelConfig:
@@ -179,11 +189,30 @@ def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source)
     model.load_state_dict(sd, strict=False)  # lm_head is tied, everything else was checked above
 
 
-def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch.dtype | None = None):
-    """-> (model in eval mode, checkpoint dir). `kernels` overrides the runtime kernel choice."""
-    from minimind.model import MiniMindForCausalLM
+def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch.dtype | None = None,
+                    lora=None, merge_lora: bool = True):
+    """-> (model in eval mode, checkpoint dir). `kernels` overrides the runtime kernel choice.
+
+    A LoRA checkpoint loads its base checkpoint (path recorded in the adapter) plus the adapter;
+    `lora=DIR` puts an adapter on top of a full checkpoint. Adapters are merged unless told not to.
+    """
+    from minimind.lora import load_adapter, read_adapter_config
 
     ckpt = resolve_checkpoint(path)
+    if is_lora_checkpoint(ckpt):
+        lora, ckpt = ckpt, resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"])
+    model = _load_full(ckpt, device, kernels)
+    if lora is not None:
+        load_adapter(model, lora, base_ckpt=ckpt, merge=merge_lora)
+        ckpt = Path(lora)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), ckpt
+
+
+def _load_full(ckpt: Path, device, kernels):
+    from minimind.model import MiniMindForCausalLM
+
     config = load_config(ckpt)
     if kernels is not None:
         config.kernels = kernels
@@ -191,6 +220,4 @@ def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch
     with torch.device(device):
         model = MiniMindForCausalLM(config, device=device)
     load_state_into(model, sd, ckpt / WEIGHTS_FILE)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), ckpt
+    return model

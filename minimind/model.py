@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import Ops, get_ops
 from minimind.config import ModelConfig
@@ -191,6 +192,7 @@ class MiniMindModel(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, Dh/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # recompute each block in backward: activations O(layers) -> O(1)
 
     def forward(self, input_ids, position_ids=None, kv_cache: KVCache | None = None):
         b, t = input_ids.shape
@@ -200,7 +202,10 @@ class MiniMindModel(nn.Module):
         x, residual, aux_total = self.dropout(self.embed_tokens(input_ids)), None, None
         rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
-            x, residual, aux = layer(x, residual, rope, position_ids, mask, kv_cache)
+            if self.grad_checkpointing and self.training and kv_cache is None:
+                x, residual, aux = checkpoint(layer, x, residual, rope, position_ids, mask, None, use_reentrant=False)
+            else:
+                x, residual, aux = layer(x, residual, rope, position_ids, mask, kv_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         x, _ = self.norm.add_forward(x, residual)

@@ -34,3 +34,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _require(module: str):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not implemented yet")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """The built-in synthetic corpus at its smallest scale (minimind synth)."""
+    _require("minimind.data.synth")
+    from minimind.data.synth import write_corpus
+
+    out = tmp_path_factory.mktemp("synth")
+    write_corpus(out, seed=0, scale=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(synth_dir, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab <= 6400) trained on the synthetic corpus."""
+    _require("minimind.data.tokenizer")
+    from minimind.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([synth_dir / "pretrain.jsonl", synth_dir / "sft.jsonl"], vocab_size=6400, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tokenizer_dir, tmp_path_factory) -> Path:
+    """An untrained `tiny` checkpoint (random weights, fixed seed) carrying the tokenizer."""
+    from minimind.checkpoint import save_checkpoint
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+
+    torch.manual_seed(1234)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch"))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tokenizer_dir=tokenizer_dir)

@@ -196,3 +196,21 @@ def test_yarn_matches_transformers():
 def test_unknown_kernels_implementation_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="liger"):
         build("tiny", kernels="liger")
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_grad_checkpointing_gives_the_same_gradients(moe):
+    model = build("tiny", f"use_moe={moe}").train()
+    ids = torch.randint(0, 6400, (2, 10))
+
+    def grads():
+        model.zero_grad()
+        out = model(ids)
+        (out.logits.float().pow(2).mean() + out.aux_loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.model.grad_checkpointing = True
+    again = grads()
+    for name in plain:
+        torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-6)
