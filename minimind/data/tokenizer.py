@@ -1,0 +1,192 @@
+"""Byte-level BPE tokenizer: training (`minimind tokenizer`), loading, fingerprinting, chat rendering.
+
+The trained tokenizer follows MiniMind's layout (`<|endoftext|>` 0 = pad/unk, `<|im_start|>` 1,
+`<|im_end|>` 2 = eos) plus `<think>`, `</think>`, `<answer>`, `</answer>` as single, non-special
+tokens (3..6, kept by `decode(skip_special_tokens=True)` so a served model can show its reasoning).
+The directory loads with `transformers.AutoTokenizer.from_pretrained` and carries a ChatML template.
+`ChatRenderer` renders chats with a tokenizer's own template without going through transformers on
+every line (prepare's hot path); tests check it equals `apply_chat_template`.
+"""
+
+import hashlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+SPECIAL = (PAD, IM_START, IM_END)
+
+# ChatML; `reasoning_content` renders as <think>\n...\n</think>\n before the content (SPEC §3).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
+    " and message['reasoning_content'] %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _iter_texts(files: list[Path]):
+    """Yields the text of each jsonl line: pretrain `text`, or every message's content of a chat."""
+    for path in files:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    obj = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise TokenizerError(f"{path}:{lineno}: {e}") from None
+                if not isinstance(obj, dict):
+                    raise TokenizerError(f"{path}:{lineno}: expected a JSON object")
+                if "text" in obj:
+                    yield obj["text"]
+                for key in ("conversations", "chosen", "rejected"):
+                    for msg in obj.get(key) or ():
+                        yield msg.get("reasoning_content") or ""
+                        yield msg.get("content") or ""
+
+
+def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path) -> Path:
+    """Trains byte-level BPE on the jsonl `files` and writes a transformers-loadable directory `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL) + len(TAGS):
+        raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus 7 special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL, *TAGS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_iter_texts([Path(f) for f in files]), trainer=trainer)
+    spec = json.loads(tok.to_str())
+    for added in spec["added_tokens"]:
+        # tags are single tokens but ordinary text: decode(skip_special_tokens=True) keeps them
+        added["special"] = added["content"] in SPECIAL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), ensure_ascii=False, indent=2))
+    return out
+
+
+def _tokenizer_config(spec: dict) -> dict:
+    decoder = {
+        str(t["id"]): {"content": t["content"], "lstrip": False, "normalized": False, "rstrip": False,
+                       "single_word": False, "special": t["special"]}
+        for t in spec["added_tokens"]
+    }
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": IM_START,
+        "eos_token": IM_END,
+        "pad_token": PAD,
+        "unk_token": PAD,
+        "clean_up_tokenization_spaces": False,  # else decode() rewrites " ." as "." and round trips break
+        "model_max_length": 32768,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def load_tokenizer(path):
+    """A `PreTrainedTokenizerFast` from a tokenizer directory (ours or MiniMind's published one)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise TokenizerError(f"{path}: not a tokenizer directory (no tokenizer.json)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.chat_template is None:
+        raise TokenizerError(f"{path}: the tokenizer has no chat_template")
+    return tok
+
+
+def _spec_of(tok) -> dict:
+    if isinstance(tok, (str, Path)):
+        return json.loads((Path(tok) / "tokenizer.json").read_text(encoding="utf-8"))
+    backend = getattr(tok, "backend_tokenizer", tok)  # PreTrainedTokenizerFast or tokenizers.Tokenizer
+    return json.loads(backend.to_str())
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 over vocabulary, merges and special tokens: equal for equal tokenizers whatever the file bytes."""
+    spec = _spec_of(tok)
+    model = spec["model"]
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    added = sorted((t["id"], t["content"], bool(t["special"])) for t in spec.get("added_tokens", []))
+    canon = json.dumps(
+        {"type": model.get("type"), "vocab": sorted(model["vocab"].items()), "merges": merges, "added": added},
+        ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:32]
+
+
+class ChatRenderer:
+    """A tokenizer directory's chat template compiled once, rendered as transformers' apply_chat_template does.
+
+    Same jinja environment settings as transformers (trim/lstrip blocks, loopcontrols, tojson,
+    raise_exception) and the special tokens passed as variables; `tests/test_tokenizer.py` checks
+    equality on every sample chat for both our template and MiniMind's.
+    """
+
+    def __init__(self, tokenizer_dir):
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+        jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        if not isinstance(template, str):
+            raise TokenizerError(f"{tokenizer_dir}: the tokenizer has no chat_template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(template)
+        self.tokens = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+
+
+def _token_str(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise_template_error(message):
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def run(args) -> int:
+    """`minimind tokenizer --input FILE... --vocab-size N --out DIR`."""
+    try:
+        out = train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out)
+    except (TokenizerError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        print(f"minimind tokenizer: {e}", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(out)
+    print(json.dumps({"out": str(out), "vocab_size": len(tok), "fingerprint": tokenizer_fingerprint(tok)}))
+    return 0
