@@ -1,0 +1,260 @@
+"""`minimind export`: a checkpoint as a directory that stock Hugging Face `transformers` loads (SPEC §7).
+
+Our tensor names already follow HF Llama, so the weights are copied as they are; the work is the
+config. Dense models become `LlamaForCausalLM`, or `Qwen3ForCausalLM` when they use QK-norm (the
+stock architecture that has per-head q/k RMSNorm); YaRN maps to the "yarn" rope type both support.
+MoE models carry their own modeling code (hf_moe/, loaded with `trust_remote_code=True`). A LoRA
+checkpoint exports merged into its base, or with `--lora-format peft` as a peft adapter directory
+whose base model is exported beside it, in `base/`. The directory is written atomically.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minimind.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    copy_tokenizer,
+    is_lora_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    state_dict_for_save,
+)
+from minimind.config import ModelConfig
+from minimind.lora import ADAPTER_WEIGHTS, read_adapter_config, strip_lora
+
+HF_MOE_DIR = Path(__file__).parent / "hf_moe"
+MOE_FILES = ("configuration_minimind_moe.py", "modeling_minimind_moe.py")
+PEFT_BASE_DIR = "base"
+
+
+class ExportError(Exception):
+    """An export that cannot be done; the message names the path or the config field."""
+
+
+def run(args) -> int:
+    try:
+        out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force)
+    except (CheckpointError, ExportError) as e:
+        print(f"minimind export: {e}", file=sys.stderr)
+        return 2
+    print(f"minimind export: wrote {out}")
+    return 0
+
+
+def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Path:
+    """Export checkpoint (or run dir) `ckpt` to `out`; returns `out`."""
+    out = Path(out)
+    _check_out_dir(out, force)
+    src = resolve_checkpoint(ckpt)
+    if lora_format not in ("merged", "peft"):
+        raise ExportError(f"--lora-format {lora_format!r}: expected merged or peft")
+    if is_lora_checkpoint(src) and lora_format == "peft":
+        return _export_peft(src, out)
+    model, _ = load_checkpoint(src, kernels="torch")
+    strip_lora(model)  # merged adapters become plain Linears: stock names only
+    tokenizer = tokenizer_dir_of(src)
+    return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: directory is not empty; pass --force to replace it")
+
+
+def tokenizer_dir_of(ckpt: Path) -> Path | None:
+    """The directory holding ckpt's tokenizer: ckpt itself, or a LoRA checkpoint's base."""
+    ckpt = Path(ckpt)
+    if (ckpt / "tokenizer.json").is_file():
+        return ckpt
+    if is_lora_checkpoint(ckpt):
+        return tokenizer_dir_of(resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"]))
+    return None
+
+
+def write_hf_model(model: torch.nn.Module, tokenizer: Path | None, out: Path) -> None:
+    """config.json, model.safetensors, generation_config.json and tokenizer files into `out`."""
+    config: ModelConfig = model.config
+    special = special_token_ids(tokenizer) if tokenizer is not None else {}
+    hf = hf_config(config, special)
+    _write_json(out / "config.json", hf)
+    _write_json(out / "generation_config.json", {k: v for k, v in special.items() if v is not None})
+    sd = {k: v.float().contiguous() for k, v in state_dict_for_save(model).items()}
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    if config.use_moe:
+        for name in MOE_FILES:
+            shutil.copyfile(HF_MOE_DIR / name, out / name)
+    if tokenizer is None:
+        print("minimind export: warning: the checkpoint has no tokenizer files; none exported", file=sys.stderr)
+        return
+    copy_tokenizer(tokenizer, out)
+    if not _has_chat_template(out):
+        print(f"minimind export: warning: {tokenizer} has no chat template", file=sys.stderr)
+
+
+def hf_config(config: ModelConfig, special: dict) -> dict:
+    """Our ModelConfig as a transformers config.json dict (Llama, Qwen3, or our MoE remote code)."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope = {**_yarn_parameters(config.rope_scaling), "rope_theta": config.rope_theta}
+    hf = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": config.dropout,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        # transformers >= 5 reads rope_parameters; older readers (4.x, vLLM, llama.cpp) rope_theta
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "dtype": "float32",
+        **special,
+    }
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if config.use_moe:
+        return {**_moe_fields(config), **hf}
+    if config.qk_norm:
+        layers = config.num_hidden_layers
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **hf, "use_sliding_window": False,
+                "sliding_window": None, "max_window_layers": layers, "layer_types": ["full_attention"] * layers}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf, "pretraining_tp": 1}
+
+
+def _yarn_parameters(scaling: dict) -> dict:
+    # our defaults (model._yarn) made explicit, so every reader computes the same frequencies
+    known = ("rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+             "attention_factor", "truncate")
+    unknown = sorted(set(scaling) - set(known))
+    if unknown:
+        raise ExportError(f"config.json: rope_scaling field(s) {', '.join(unknown)} have no transformers equivalent")
+    out = {"rope_type": "yarn", "factor": float(scaling["factor"]),
+           "original_max_position_embeddings": scaling.get("original_max_position_embeddings", 2048),
+           "beta_fast": scaling.get("beta_fast", 32.0), "beta_slow": scaling.get("beta_slow", 1.0)}
+    if scaling.get("attention_factor") is not None:
+        out["attention_factor"] = scaling["attention_factor"]
+    if "truncate" in scaling:
+        out["truncate"] = scaling["truncate"]
+    return out
+
+
+def _moe_fields(config: ModelConfig) -> dict:
+    if config.qk_norm:
+        raise ExportError("config.json: MoE with qk_norm has no export yet (the bundled MoE code is Llama-based)")
+    stem = [name.removesuffix(".py") for name in MOE_FILES]
+    return {
+        "architectures": ["MiniMindMoEForCausalLM"],
+        "model_type": "minimind_moe",
+        "auto_map": {
+            "AutoConfig": f"{stem[0]}.MiniMindMoEConfig",
+            "AutoModelForCausalLM": f"{stem[1]}.MiniMindMoEForCausalLM",
+        },
+        "n_routed_experts": config.n_routed_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "n_shared_experts": config.n_shared_experts,
+        "norm_topk_prob": config.norm_topk_prob,
+        "scoring_func": config.scoring_func,
+        "aux_loss_alpha": config.aux_loss_alpha,
+        "seq_aux": config.seq_aux,
+    }
+
+
+def special_token_ids(tokenizer: Path) -> dict:
+    """bos/eos/pad token ids named by tokenizer_config.json, looked up in tokenizer.json."""
+    config_file = tokenizer / "tokenizer_config.json"
+    tok_config = _read_json(config_file) if config_file.is_file() else {}
+    vocab = _token_ids(tokenizer / "tokenizer.json")
+    out = {}
+    for role in ("bos", "eos", "pad"):
+        token = tok_config.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        out[f"{role}_token_id"] = vocab.get(token) if token is not None else None
+    return out
+
+
+def _token_ids(file: Path) -> dict[str, int]:
+    data = _read_json(file)
+    ids = dict(data.get("model", {}).get("vocab", {}))
+    ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return ids
+
+
+def _has_chat_template(tokenizer: Path) -> bool:
+    if (tokenizer / "chat_template.jinja").is_file():
+        return True
+    file = tokenizer / "tokenizer_config.json"
+    return file.is_file() and bool(_read_json(file).get("chat_template"))
+
+
+def _export_peft(lora_ckpt: Path, out: Path) -> Path:
+    """out/: peft adapter (adapter_config.json, adapter_model.safetensors, tokenizer); out/base/: its base."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(lora_ckpt)
+    base_ckpt = resolve_checkpoint(cfg["base_checkpoint"])
+    base, _ = load_checkpoint(base_ckpt, kernels="torch")
+    tokenizer = tokenizer_dir_of(lora_ckpt)
+    adapter = load_file(lora_ckpt / ADAPTER_WEIGHTS)
+
+    def fill(tmp: Path):
+        (tmp / PEFT_BASE_DIR).mkdir()
+        write_hf_model(base, tokenizer, tmp / PEFT_BASE_DIR)
+        # peft names: base_model.model.<module>.lora_A.weight; same (r, in) / (out, r) layout as ours
+        tensors = {f"base_model.model.{k}.weight": v.float().contiguous() for k, v in adapter.items()}
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "adapter_config.json", _peft_config(cfg, (out / PEFT_BASE_DIR).resolve()))
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
+
+    return atomic_dir(out, fill)
+
+
+def _peft_config(cfg: dict, base_dir: Path) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+        "r": cfg["rank"],
+        "lora_alpha": cfg["alpha"],
+        "lora_dropout": cfg.get("dropout", 0.0),
+        "target_modules": sorted(cfg["targets"]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{file}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{file}: expected a JSON object")
+    return data
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
