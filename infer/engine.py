@@ -1,0 +1,402 @@
+"""The inference engine: a preallocated KV cache, batched prefill and decode, continuous batching.
+
+`Engine.step()` is one iteration of the serving loop: decode one token for every running sequence,
+prefill newly admitted ones into free cache rows, sample all of them in one on-device call, and copy
+the sampled tokens (and any logprobs) to the host in one transfer. Running sequences occupy cache rows
+0..n-1; a finished one frees its row at once (the last row moves into the hole), and a waiting one
+joins at the next step. `generate()` (the trainer's GRPO rollouts) and `stream()` (the chat CLI) drive
+`step()` themselves; the server runs it in one background thread (`infer.async_engine`).
+"""
+
+import collections
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from infer.detok import IncrementalDetokenizer, find_stop, holdback
+from infer.sampling import BatchParams, SamplingParams, logprobs_of, sample
+from minimind.model import KVCache
+
+DEFAULT_MAX_LEN = 2048  # cache length when neither the caller nor a smaller model context says
+PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens per prefill forward: bounds its activation memory
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus the tokens asked for) that does not fit the engine's context."""
+
+
+@dataclass
+class Delta:
+    """What one step added to a sequence: text never ends inside a character or a possible stop string."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]]] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated only; a stop token that ended the sequence is included
+    text: str  # without stop tokens or the stop string
+    finish_reason: str
+    prompt_token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per generated token
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None  # first is None
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset
+    detok: IncrementalDetokenizer
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_text: int = 0  # characters handed out in deltas
+    sent_tokens: int = 0
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def completion(self) -> Completion:
+        return Completion(
+            token_ids=list(self.output), text=self.text, finish_reason=self.finish_reason,
+            prompt_token_ids=list(self.prompt), logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+        )
+
+
+class _CacheView:
+    """Rows [start, start+B) of a KVCache, attending over the first `max_len` slots only: what the
+    model's forward sees. Slicing keeps attention at the batch's current length, not the cache's."""
+
+    def __init__(self, k, v, start: int, rows: int, max_len: int):
+        self.k, self.v, self.start, self.rows, self.max_len = k, v, start, rows, max_len
+
+    def update(self, layer: int, k, v, position_ids):
+        kc, vc = self.k[layer, self.start : self.start + self.rows], self.v[layer, self.start : self.start + self.rows]
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(position_ids)
+        kc[rows, :, position_ids] = k.to(kc.dtype)
+        vc[rows, :, position_ids] = v.to(vc.dtype)
+        return kc[:, :, : self.max_len], vc[:, :, : self.max_len]  # (B, Hk, S, Dh)
+
+
+def _bucket(n: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-n // multiple) * multiple)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None, compile: bool = False):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        config = model.config
+        self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
+        if self.max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len {self.max_len} exceeds the model's context {config.max_position_embeddings}")
+        # ids past the tokenizer's vocabulary (an embedding padded to 6400) can't be decoded: never sampled
+        self.vocab_size = min(config.vocab_size, len(tokenizer))
+        self.end_ids = frozenset(self._end_token_ids(tokenizer))
+        self.compile = compile
+        self._decode_fn = torch.compile(self._forward_last, dynamic=False) if compile else self._forward_last
+        self._ids = itertools.count()
+        self._inbox: collections.deque = collections.deque()  # thread-safe appends/pops
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # index = cache row
+        self._batch_params: BatchParams | None = None
+        self.cache = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
+        from transformers import AutoTokenizer
+
+        from minimind.checkpoint import load_checkpoint
+
+        model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, dtype=dtype, lora=lora)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(ckpt_dir))
+        return cls(model, tokenizer, **kwargs)
+
+    @staticmethod
+    def _end_token_ids(tokenizer) -> list[int]:
+        vocab = tokenizer.get_vocab()
+        ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return sorted(ids)
+
+    # ---- requests ----
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raises ValueError/ContextLengthError for a request that cannot run."""
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise ContextLengthError(
+                f"this model's context is {self.max_len} tokens; the prompt has {len(prompt)} and "
+                f"{params.max_new_tokens} more were asked for"
+            )
+
+    def add_request(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a request (safe to call from another thread); it joins the batch at the next step."""
+        self.check(prompt, params)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.end_ids)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        req = Request(next(self._ids), list(prompt), params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer))
+        req.logprobs = [] if params.logprobs is not None else None
+        self._inbox.append(("add", req))
+        return req
+
+    def abort(self, req: Request) -> None:
+        self._inbox.append(("abort", req))
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running)
+
+    def _drain_inbox(self) -> list[Request]:
+        aborted = []
+        while self._inbox:
+            op, req = self._inbox.popleft()
+            if op == "add":
+                self.waiting.append(req)
+            elif req.finish_reason is None:
+                req.finish_reason = "abort"
+                aborted.append(req)
+        if aborted:
+            self.waiting = collections.deque(r for r in self.waiting if r.finish_reason is None)
+            self._free([i for i, r in enumerate(self.running) if r.finish_reason is not None])
+        return aborted
+
+    # ---- the loop ----
+
+    def step(self) -> list[Request]:
+        """One iteration; returns the requests that have something new (see `take_delta`)."""
+        with torch.no_grad():
+            self._ensure_cache()
+            aborted = self._drain_inbox()
+            n = len(self.running)
+            admitted = self._admit(n)
+            parts = []
+            if n:
+                parts.append(self._decode(self.running))
+            if admitted:
+                self.running.extend(admitted)
+                self._batch_params = None
+                parts.append(self._prefill(admitted, start=n))
+            if not parts:
+                return aborted
+            updated = self._sample_and_append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return aborted + updated
+
+    def _ensure_cache(self) -> None:
+        p = next(self.model.parameters())
+        if self.cache is None or self.cache.k.device != p.device or self.cache.k.dtype != p.dtype:
+            self.cache = KVCache(self.model.config, self.max_batch, self.max_len, device=p.device, dtype=p.dtype)
+            self._counts = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.int32, device=p.device)
+            self._seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=p.device)
+
+    def _admit(self, n: int) -> list[Request]:
+        admitted, longest = [], 0
+        while self.waiting and n + len(admitted) < self.max_batch:
+            nxt = len(self.waiting[0].prompt)
+            if admitted and (len(admitted) + 1) * max(longest, nxt) > PREFILL_TOKEN_BUDGET:
+                break
+            longest = max(longest, nxt)
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _forward_last(self, input_ids, position_ids, k, v, start: int, max_len: int):
+        view = _CacheView(k, v, start, input_ids.shape[0], max_len)
+        return self.model(input_ids, position_ids=position_ids, kv_cache=view).logits[:, -1, : self.vocab_size]
+
+    def _decode(self, reqs: list[Request]) -> torch.Tensor:
+        """One token for each running row -> next-token logits (n, V)."""
+        device = self.cache.k.device
+        ids = torch.tensor([[r.output[-1]] for r in reqs], device=device)  # (B, 1)
+        pos = torch.tensor([[r.length - 1] for r in reqs], device=device)
+        length = max(r.length for r in reqs)
+        if self.compile:  # fixed shapes: one compiled graph per (batch, length) bucket
+            b = _bucket(len(reqs), 8 if len(reqs) > 4 else 1, self.max_batch)
+            ids, pos = _pad_rows(ids, b), _pad_rows(pos, b)
+            length = _bucket(length, 256, self.max_len)
+        return self._decode_fn(ids, pos, self.cache.k, self.cache.v, 0, length)[: len(reqs)]
+
+    def _prefill(self, reqs: list[Request], start: int) -> torch.Tensor:
+        """Prompts into rows start..start+m-1 (right-padded; padding writes slots later decode
+        overwrites before reading) -> last-prompt-token logits (m, V)."""
+        device = self.cache.k.device
+        t = max(len(r.prompt) for r in reqs)
+        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=device)  # (B, T)
+        pos = torch.arange(t, device=device).unsqueeze(0).expand(len(reqs), t)
+        view = _CacheView(self.cache.k, self.cache.v, start, len(reqs), t)
+        hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
+        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)
+        logits = self.model.lm_head(hidden[torch.arange(len(reqs), device=device), last])[:, : self.vocab_size]
+        rows = slice(start, start + len(reqs))
+        self._counts[rows] = 0
+        self._seen[rows] = False
+        self._seen[rows].scatter_(1, ids, True)
+        self._seen[rows, 0] = torch.tensor([0 in r.prompt for r in reqs], device=device)  # undo the padding id
+        for i, r in enumerate(reqs):
+            if r.params.prompt_logprobs is not None:
+                r.prompt_logprobs = self._prompt_logprobs(hidden[i, : len(r.prompt)], r)
+        return logits
+
+    def _prompt_logprobs(self, hidden, req: Request) -> list:
+        """Scoring (echo + logprobs): the logprob of each prompt token given the ones before it."""
+        ids = torch.tensor(req.prompt[1:], device=hidden.device)
+        logits = self.model.lm_head(hidden[:-1])[:, : self.vocab_size]  # (T-1, V)
+        k = req.params.prompt_logprobs
+        chosen, top = logprobs_of(logits, ids, k)
+        top_vals, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else (None, None)
+        out = [None]
+        for j, lp in enumerate(chosen.tolist()):
+            out.append((lp, dict(zip(top_ids[j], top_vals[j])) if top is not None else {}))
+        return out
+
+    def _sample_and_append(self, logits) -> list[Request]:
+        reqs = list(self.running)
+        device = logits.device
+        if self._batch_params is None:
+            self._batch_params = BatchParams.build([r.params for r in reqs], [r.seed for r in reqs], device)
+        steps = torch.tensor([len(r.output) for r in reqs], device=device)
+        n = len(reqs)
+        tokens = sample(logits, self._batch_params, steps, self._counts[:n], self._seen[:n])
+        k = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        packed = [tokens.to(torch.float64)]
+        if k is not None:
+            chosen, top = logprobs_of(logits, tokens, k)
+            packed.append(chosen.to(torch.float64))
+            if top is not None:
+                packed += [top.values.to(torch.float64).T.reshape(-1), top.indices.to(torch.float64).T.reshape(-1)]
+        self._counts[:n].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+        self._seen[:n].scatter_(1, tokens.unsqueeze(1), True)
+        host = torch.cat(packed).tolist()  # the step's one device->host transfer
+        finished = []
+        for i, req in enumerate(reqs):
+            lp = None
+            if k is not None:
+                tops = {}
+                kk = req.params.logprobs or 0
+                if kk:
+                    base = 2 * n
+                    tops = {int(host[base + n * k + j * n + i]): host[base + j * n + i] for j in range(kk)}
+                lp = (host[n + i], tops)
+            self._append(req, int(host[i]), lp)
+            if req.finish_reason is not None:
+                finished.append(i)
+        self._free(finished)
+        return reqs
+
+    def _append(self, req: Request, token: int, lp) -> None:
+        if req.params.max_new_tokens == 0:  # scoring only: the prefill was all it wanted
+            req.finish_reason = "length"
+            return
+        req.output.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(lp)
+        if token in req.stop_ids:
+            req.finish_reason, new = "stop", req.detok.flush()
+        else:
+            new = req.detok.push(token)
+            if len(req.output) >= req.params.max_new_tokens or req.length >= self.max_len:
+                req.finish_reason, new = "length", new + req.detok.flush()
+        before = len(req.text)
+        req.text += new
+        if req.params.stop and (at := find_stop(req.text, req.params.stop, before)) >= 0:
+            req.text, req.finish_reason = req.text[:at], "stop"
+
+    def _free(self, rows: list[int]) -> None:
+        """Release finished rows now: the last running row moves into each hole."""
+        for i in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if i != last:
+                length = self.running[last].length
+                self.cache.k[:, i, :, :length] = self.cache.k[:, last, :, :length]
+                self.cache.v[:, i, :, :length] = self.cache.v[:, last, :, :length]
+                self._counts[i], self._seen[i] = self._counts[last], self._seen[last]
+                self.running[i] = self.running[last]
+            self.running.pop()
+        if rows:
+            self._batch_params = None
+
+    # ---- consumers ----
+
+    def take_delta(self, req: Request) -> Delta | None:
+        """The text/tokens produced since the last call, holding back a possible stop-string prefix."""
+        done = req.finish_reason is not None
+        end = len(req.text) if done else len(req.text) - holdback(req.text, req.params.stop)
+        if not done and end <= req.sent_text and len(req.output) == req.sent_tokens:
+            return None
+        text, tokens = req.text[req.sent_text : max(end, req.sent_text)], req.output[req.sent_tokens :]
+        lps = req.logprobs[req.sent_tokens :] if req.logprobs is not None else None
+        req.sent_text, req.sent_tokens = max(end, req.sent_text), len(req.output)
+        return Delta(text=text, token_ids=tokens, logprobs=lps, finish_reason=req.finish_reason)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run all prompts to completion, batched; reads the model's current weights, restores its mode."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+            while any(r.finish_reason is None for r in reqs):
+                self.step()
+        finally:
+            self.model.train(was_training)
+        return [r.completion() for r in reqs]
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Delta]:
+        """Synchronous streaming for one request (the chat CLI); drives step() itself."""
+        was_training = self.model.training
+        self.model.eval()
+        req = self.add_request(prompt, params)
+        try:
+            while True:
+                if req.finish_reason is None:
+                    self.step()
+                delta = self.take_delta(req)
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            if req.finish_reason is None:
+                self.abort(req)
+                self._drain_inbox()
+            self.model.train(was_training)
+
+
+def _pad_rows(x, rows: int):
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])]) if rows > x.shape[0] else x
+
+
+def _tokenizer_dir(ckpt_dir):
+    """A LoRA checkpoint may not carry tokenizer files; its base checkpoint does."""
+    from pathlib import Path
+
+    from minimind.checkpoint import resolve_checkpoint
+    from minimind.lora import ADAPTER_CONFIG, read_adapter_config
+
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "tokenizer.json").exists() or not (ckpt_dir / ADAPTER_CONFIG).exists():
+        return ckpt_dir
+    return resolve_checkpoint(read_adapter_config(ckpt_dir)["base_checkpoint"])
