@@ -76,6 +76,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--kernels", choices=KERNELS)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--no-packing", action="store_true",
+                   help="chat stages: one sample per row padded to --seq-len (MiniMind's layout) instead of packing")
     p.add_argument("--save-every", type=positive_int, metavar="N")
     p.add_argument("--keep", type=positive_int, metavar="N")
     p.add_argument("--log-every", type=positive_int, metavar="N")
@@ -178,8 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="import a MiniMind .pth or a Hugging Face directory")
     p.add_argument("--from", dest="source", choices=("minimind-pth", "hf"), required=True)
     p.add_argument("path", type=existing_path, metavar="FILE_OR_DIR")
-    p.add_argument("--config", metavar="PRESET")
+    p.add_argument("--config", metavar="PRESET", help="the .pth model's preset (small, base, moe); minimind-pth only")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of --config's preset (repeatable, type-checked)")
+    p.add_argument("--tokenizer", type=existing_path, metavar="DIR",
+                   help="tokenizer files to put in the checkpoint (default: the hf directory's own)")
     p.add_argument("--out", type=Path, required=True, metavar="CKPT")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
 
