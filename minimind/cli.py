@@ -110,6 +110,13 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as saved (float32)")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description="Train, serve and evaluate small language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -162,13 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     q = ev.add_parser("choice", help="multiple-choice accuracy (C-Eval CSV)")
     q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     q.add_argument("--data", type=existing_path, required=True, metavar="CSV_OR_DIR")
+    q.add_argument("--shots", type=int, default=0, metavar="K", help="worked examples before each question")
+    q.add_argument("--dev", type=existing_path, metavar="CSV_OR_DIR",
+                   help="where the shots come from, by subject (default: the other questions of the file)")
+    _eval_arguments(q)
     q = ev.add_parser("ppl", help="perplexity and bits per byte")
     q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     q.add_argument("--data", type=existing_path, required=True, metavar="FILE")
+    q.add_argument("--seq-len", type=positive_int, default=512, metavar="N", help="targets per window")
+    _eval_arguments(q)
     q = ev.add_parser("lm-eval", help="lm-evaluation-harness tasks")
     q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
-    q.add_argument("--tasks", required=True, metavar="T")
-    q.add_argument("--include-path", type=existing_path, metavar="DIR")
+    q.add_argument("--tasks", required=True, metavar="T", help="comma-separated task names")
+    q.add_argument("--include-path", type=existing_path, metavar="DIR", help="directory of extra task yamls")
+    q.add_argument("--num-fewshot", type=int, metavar="K")
+    q.add_argument("--limit", type=float, metavar="N", help="examples per task (a fraction if < 1)")
+    q.add_argument("--max-len", type=positive_int, metavar="N", help="context length (default: the model's)")
+    _eval_arguments(q)
 
     p = sub.add_parser("export", help="export to a stock transformers directory")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")

@@ -1,0 +1,54 @@
+"""Evaluation: multiple-choice accuracy (C-Eval/CMMLU CSV), perplexity and bits per byte, and
+lm-evaluation-harness tasks, all on a checkpoint directory (SPEC §2 `minimind eval`).
+
+`load_for_eval` is what the three share: the model in eval mode on the chosen device, plus its
+tokenizer loaded with the `tokenizers` library (fast, and no transformers import for choice/ppl).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from minimind.checkpoint import load_checkpoint
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that cannot be used; the message names the file, line or column."""
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None):
+    """-> (model, tokenizers.Tokenizer, tokenizer_config dict) for checkpoint or run dir `ckpt`."""
+    from tokenizers import Tokenizer
+
+    from minimind.checkpoint import CheckpointError, resolve_checkpoint
+    from minimind.interop.export import tokenizer_dir_of
+
+    device = pick_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model, _ = load_checkpoint(ckpt, device=device, dtype=torch_dtype)
+    tok_dir = tokenizer_dir_of(resolve_checkpoint(ckpt))
+    if tok_dir is None:
+        raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json; evaluation needs its tokenizer")
+    tok_config_file = tok_dir / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.is_file() else {}
+    return model, Tokenizer.from_file(str(tok_dir / "tokenizer.json")), tok_config
+
+
+def special_token(tok_config: dict, role: str) -> str | None:
+    token = tok_config.get(f"{role}_token")
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    print(text)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n", encoding="utf-8")
