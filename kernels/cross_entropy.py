@@ -191,8 +191,9 @@ def _flce_chunks(hidden, weight, targets, weights, ignore_index, chunk_size, wan
 
 
 def _default_chunk(n: int, d: int, v: int) -> int:
-    # chunk * V ~ N * D: the logits block is no larger than the hidden states themselves
-    return max(1, next_pow2(cdiv(n, cdiv(v, d))))
+    # chunk * V ~ N * D: the logits block is no larger than the hidden states themselves. Under the
+    # interpreter memory is not the point and each launch costs ~100 ms: at least 256 rows a chunk.
+    return max(256 if interpreting() else 1, next_pow2(cdiv(n, cdiv(v, d))))
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):

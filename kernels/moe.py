@@ -135,17 +135,10 @@ def _moe_gate_bwd_kernel(
 
 
 @jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@jit
 def _grouped_mm_kernel(
     A_ptr, A_IDX_ptr, B_ptr, B2_ptr, C_ptr, C2_ptr, ACT_ptr, SEG_START_ptr, SEG_COUNT_ptr, TILE_END_ptr,
     n_experts, n_out, n_inner, stride_a_row, stride_b_e, stride_b_k, stride_b_n, stride_c_row,
-    GATHER_A: tl.constexpr, DUAL: tl.constexpr, IEEE: tl.constexpr,
+    GATHER_A: tl.constexpr, DUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[rows of expert e] = A[rows] @ B[e] (B[e] read as (inner, out) through its strides); with DUAL
@@ -168,17 +161,17 @@ def _grouped_mm_kernel(
     b_off = e.to(tl.int64) * stride_b_e + cols[None, :] * stride_b_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_inner, BLOCK_K):
+    for k0 in range(0, tl.where(valid, n_inner, 0), BLOCK_K):  # spare tiles skip the loop
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < n_inner
         a = tl.load(A_ptr + a_rows[:, None] * stride_a_row + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0)
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(B_ptr + b_off + ks[:, None] * stride_b_k, mask=b_mask, other=0.0).to(a.dtype)
-        acc = _dot(a, b, acc, IEEE)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if DUAL:
             b2 = tl.load(B2_ptr + b_off + ks[:, None] * stride_b_k, mask=b_mask, other=0.0).to(a.dtype)
-            acc2 = _dot(a, b2, acc2, IEEE)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
     c_offs = rows[:, None] * stride_c_row + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     h1 = acc.to(C_ptr.dtype.element_ty)
@@ -195,7 +188,7 @@ def _grouped_mm_kernel(
 def _grouped_wgrad_kernel(
     L_ptr, R_ptr, R_IDX_ptr, OUT_ptr, SEG_START_ptr, SEG_COUNT_ptr,
     n_p, n_q, stride_l_row, stride_r_row, stride_o_e, stride_o_p, stride_o_q,
-    GATHER_R: tl.constexpr, IEEE: tl.constexpr,
+    GATHER_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT[e] (P, Q) = L[seg e].T @ R[seg e]: each expert reduces over its own rows; an expert with no
@@ -216,7 +209,7 @@ def _grouped_wgrad_kernel(
         r_rows = tl.load(R_IDX_ptr + rows, mask=m_mask, other=0) if GATHER_R else rows
         r = tl.load(R_ptr + r_rows[:, None] * stride_r_row + qs[None, :], mask=m_mask[:, None] & q_mask[None, :],
                     other=0.0).to(lt.dtype)
-        acc = _dot(lt, r, acc, IEEE)
+        acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
     out = OUT_ptr + e * stride_o_e + ps[:, None] * stride_o_p + qs[None, :] * stride_o_q
     tl.store(out, acc.to(OUT_ptr.dtype.element_ty), mask=p_mask[:, None] & q_mask[None, :])
 
@@ -287,8 +280,14 @@ def _route(topk_idx: torch.Tensor, n_experts: int, block_m: int) -> _Routing:
 def _blocks(block_sizes):
     if block_sizes is not None:
         return block_sizes
-    # interpreter: few, large programs (~1 ms each); GPU: 64x64 tiles, K steps of 32
-    return (32, 128, 128) if interpreting() else (64, 64, 32)
+    # interpreter: few programs (~1 ms each) but short row tiles, since its tl.dot costs in proportion to
+    # the tile (padding rows included: each expert's last tile is padded to BLOCK_M); GPU: 64x64 tiles
+    return (16, 128, 128) if interpreting() else (64, 64, 32)
+
+
+def _precision(a: torch.Tensor) -> str:
+    # fp32 operands: exact fp32 products ("ieee"), not TF32's 10-bit mantissa; bf16/fp16: the default
+    return "ieee" if a.dtype == torch.float32 else "tf32"
 
 
 def _expert_mm(a, r: _Routing, w, blocks, *, transpose: bool, gather: bool, w2=None):
@@ -306,7 +305,7 @@ def _expert_mm(a, r: _Routing, w, blocks, *, transpose: bool, gather: bool, w2=N
     _grouped_mm_kernel[grid](
         a, r.tok, w, w2.contiguous() if w2 is not None else w, c, c2, act, r.seg_start, r.counts, r.tile_end,
         w.shape[0], n_out, n_inner, a.stride(0), w.stride(0), stride_k, stride_n, c.stride(0),
-        GATHER_A=gather, DUAL=w2 is not None, IEEE=a.dtype == torch.float32,
+        GATHER_A=gather, DUAL=w2 is not None, DOT_PRECISION=_precision(a),
         BLOCK_E=next_pow2(w.shape[0]), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, **({} if interpreting() else {"num_stages": 3}),
     )
@@ -315,15 +314,15 @@ def _expert_mm(a, r: _Routing, w, blocks, *, transpose: bool, gather: bool, w2=N
 
 def _expert_wgrad(left, right, r: _Routing, like: torch.Tensor, blocks, *, gather_right: bool):
     """(E, P, Q) shaped like `like`: out[e] = left[seg e].T @ right[seg e] (right rows gathered by r.tok)."""
-    _, block_n, block_k = blocks
+    block_m, block_n, _ = blocks  # the reduction runs over rows, BLOCK_M at a time
     out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     n_experts, n_p, n_q = out.shape
     grid = (n_experts, cdiv(n_p, block_n), cdiv(n_q, block_n))
     _grouped_wgrad_kernel[grid](
         left, right, r.tok, out, r.seg_start, r.counts, n_p, n_q, left.stride(0), right.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GATHER_R=gather_right, IEEE=left.dtype == torch.float32, BLOCK_P=block_n, BLOCK_Q=block_n,
-        BLOCK_K=block_k, num_warps=4,
+        GATHER_R=gather_right, DOT_PRECISION=_precision(left), BLOCK_P=block_n, BLOCK_Q=block_n,
+        BLOCK_K=block_m, num_warps=4,
     )
     return out
 

@@ -158,15 +158,15 @@ class AddRMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(res, weight, rstd)
         ctx.rows_per_program = rows_per_program
         ctx.dtypes = (x.dtype, residual.dtype)
-        shape = torch.broadcast_shapes(x.shape, residual.shape)
-        return y.view(shape), res.view(shape)
+        ctx.shape = x.shape
+        return y.view(x.shape), res.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, dres):
         res, weight, rstd = ctx.saved_tensors
         # x and residual both receive d(new_residual) = norm's dx + the returned residual's gradient
         dsum, dw = _rmsnorm_bwd(dy, res, weight, rstd, dres, ctx.rows_per_program, res.dtype)
-        dsum = dsum.view(res.shape)
+        dsum = dsum.view(ctx.shape)
         return dsum.to(ctx.dtypes[0]), dsum.to(ctx.dtypes[1]), dw, None, None
 
 
