@@ -1,0 +1,128 @@
+"""The engine loop for a server: one background thread runs `Engine.step()` while there is work and
+hands each request's deltas to the asyncio side through a per-job queue.
+
+HTTP handlers `submit()` a job (one or more sequences, e.g. `n=2`) and read `(index, Delta)` pairs
+from it. Model compute releases the GIL, so the event loop keeps serving while a step runs. A job
+whose reader goes away is aborted, which frees its cache rows at the next step.
+"""
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from infer.engine import Delta, Engine, Request
+from infer.sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server's --max-queue allows (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The loop is shutting down or died (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    requests: list[Request]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (index, Delta | Exception)
+    remaining: int = 0
+
+    async def deltas(self):
+        """(index, Delta) pairs until every sequence has finished; raises the loop's error if it dies."""
+        while self.remaining:
+            index, item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finish_reason is not None:
+                self.remaining -= 1
+            yield index, item
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self._jobs: dict[int, tuple[Job, int, asyncio.AbstractEventLoop]] = {}  # request id -> (job, index, loop)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="minimind-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, prompt: list[int], params: list[SamplingParams]) -> Job:
+        """Queue len(params) sequences of one prompt; raises ValueError (bad request), QueueFull, EngineStopped."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        for p in params:
+            self.engine.check(prompt, p)
+        with self._lock:
+            waiting = len(self._jobs) - len(self.engine.running)
+            if waiting + len(params) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting (max queue {self.max_queue})")
+            job = Job(requests=[], remaining=len(params))
+            loop = asyncio.get_running_loop()
+            for i, p in enumerate(params):
+                req = self.engine.add_request(prompt, p)
+                job.requests.append(req)
+                self._jobs[req.id] = (job, i, loop)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        for req in job.requests:
+            if req.finish_reason is None:
+                self.engine.abort(req)
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown: open jobs end with finish_reason 'abort', then the thread exits."""
+        with self._lock:
+            for job, _, _ in list(self._jobs.values()):
+                self.cancel(job)
+        deadline = threading.Event()
+        for _ in range(int(timeout * 20)):
+            if not self.engine.has_work() or self._thread is None or not self._thread.is_alive():
+                break
+            deadline.wait(0.05)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.engine.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                for req in self.engine.step():
+                    delta = self.engine.take_delta(req)
+                    if delta is not None:
+                        self._deliver(req, delta)
+        except BaseException as e:  # a bug or OOM: fail every open job instead of hanging it
+            self.error = e
+            self._stopping = True
+            with self._lock:
+                for job, index, loop in self._jobs.values():
+                    loop.call_soon_threadsafe(job.queue.put_nowait, (index, EngineStopped(f"engine failed: {e!r}")))
+                self._jobs.clear()
+            raise
+
+    def _deliver(self, req: Request, delta: Delta) -> None:
+        with self._lock:
+            entry = self._jobs.get(req.id)
+            if entry is None:
+                return
+            if delta.finish_reason is not None:
+                del self._jobs[req.id]
+        job, index, loop = entry
+        loop.call_soon_threadsafe(job.queue.put_nowait, (index, delta))

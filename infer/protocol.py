@@ -1,0 +1,117 @@
+"""The OpenAI request schema (SPEC §6) as strict pydantic models, and their mapping to SamplingParams.
+
+Strict: a string where a number belongs is a 400 naming the field, not a silent cast. Unknown
+fields are ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, ...) work.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+
+MAX_N = 16
+MAX_STOPS = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # -1 or 0: off (vLLM's convention)
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: "StreamOptions | None" = None
+
+    def sampling(self, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                 index: int = 0) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=None if self.seed is None else self.seed + index,  # n > 1: distinct but reproducible
+            stop=[s for s in stop if s],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: StrictBool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    reasoning_content: StrictStr | None = None
+
+    def render(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        role = "system" if self.role == "developer" else self.role
+        out = {"role": role, "content": text}
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
+        return out
+
+
+class ChatRequest(_Request):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprob_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class CompletionRequest(_Request):
+    prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
+        list[TokenIds], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # OpenAI's default for completions
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+_Request.model_rebuild()
+ChatRequest.model_rebuild()
+CompletionRequest.model_rebuild()

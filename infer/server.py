@@ -1,0 +1,429 @@
+"""The OpenAI-compatible HTTP server (SPEC §6): an adapter from the OpenAI schema to `Engine`.
+
+`create_app(engine)` builds a FastAPI app whose lifespan starts one engine loop (`AsyncEngine`) and
+stops it gracefully. Handlers parse and validate the body themselves (strict pydantic), so every
+bad request gets OpenAI's error JSON with the right status (400/401/404/413/429/503), never
+FastAPI's 422 or a 500. `minimind serve` is `run(args)`.
+"""
+
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from infer.async_engine import AsyncEngine, EngineStopped, QueueFull
+from infer.engine import ContextLengthError, Delta, Engine
+from infer.protocol import ChatRequest, CompletionRequest
+from infer.think import ThinkSplitter, split_reasoning
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {err['msg']}", code="invalid_json")
+    # a union reports a path per branch ("stop.list[str]"); keep field names and indices only
+    path = [str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_NAMES]
+    where = ".".join(path)
+    return APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None,
+                    code="invalid_value")
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def run_name(ckpt) -> str:
+    """The served model id: a run's name for DIR/step-N, else the checkpoint directory's name."""
+    path = Path(ckpt).resolve()
+    return path.parent.name if path.name.startswith("step-") else path.name
+
+
+def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    loop_engine = AsyncEngine(engine, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop_engine.start()
+        yield
+        await asyncio.to_thread(loop_engine.stop)
+
+    app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = loop_engine
+    handlers = _Handlers(engine, loop_engine, model_name)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, msg, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return APIError(401, "missing or wrong API key (expected 'Authorization: Bearer KEY')",
+                                type_="authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    async def body_of(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    async def health():
+        if not loop_engine.alive:
+            raise APIError(503, "the engine is not running", type_="server_error", code="unavailable")
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [handlers.model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        handlers.check_model(name)
+        return handlers.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handlers.chat(_parse(ChatRequest, await body_of(request)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handlers.completions(_parse(CompletionRequest, await body_of(request)))
+
+    return app
+
+
+def _parse(model, body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+class _Handlers:
+    """The endpoints' logic: schema -> engine jobs -> OpenAI responses or SSE chunks."""
+
+    def __init__(self, engine: Engine, loop_engine: AsyncEngine, model_name: str):
+        self.engine, self.loop, self.name = engine, loop_engine, model_name
+        self.created = int(time.time())
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "minimind",
+                "max_model_len": self.engine.max_len}
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def _max_new(self, requested: int | None, prompt_len: int) -> int:
+        room = self.engine.max_len - prompt_len
+        if room <= 0 or (requested is not None and requested > room):
+            asked = f" plus {requested} to generate" if requested is not None else ""
+            raise APIError(400, f"this model's context is {self.engine.max_len} tokens; the prompt has "
+                                f"{prompt_len}{asked}", param="messages", code="context_length_exceeded")
+        return room if requested is None else requested
+
+    def _submit(self, prompt: list[int], params):
+        try:
+            return self.loop.submit(prompt, params)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        except QueueFull as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), type_="server_error", code="unavailable") from None
+
+    def _token_str(self, token: int) -> str:
+        return self.engine.tokenizer.decode([token], skip_special_tokens=False)
+
+    # ---- chat ----
+
+    async def chat(self, req: ChatRequest):
+        self.check_model(req.model)
+        try:
+            prompt = self.engine.encode_chat([m.render() for m in req.messages])
+        except Exception as e:  # the template rejected the conversation (e.g. a role it does not know)
+            raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
+        max_new = self._max_new(req.requested_tokens, len(prompt))
+        if max_new == 0:
+            raise APIError(400, "max_tokens must be at least 1", param="max_tokens", code="invalid_value")
+        params = [req.sampling(max_new, req.logprob_k, index=i) for i in range(req.n)]
+        job = self._submit(prompt, params)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _sse(self._chat_stream(req, job, rid, created, len(prompt)), job, self.loop)
+        outs = await _collect(job, self.loop)
+        choices = []
+        for i, (text, tokens, lps, reason) in enumerate(outs):
+            reasoning, content = split_reasoning(text)
+            message = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": message, "finish_reason": _reason(reason),
+                            "logprobs": self._chat_logprobs(tokens, lps) if req.logprobs else None})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": choices, "usage": _usage(len(prompt), outs)}
+
+    async def _chat_stream(self, req: ChatRequest, job, rid, created, prompt_len):
+        def chunk(choices, **extra):
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": choices, **extra}
+
+        splitters = [ThinkSplitter() for _ in range(req.n)]
+        counts = [0] * req.n
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async for i, d in job.deltas():
+            counts[i] += len(d.token_ids)
+            reasoning, content = splitters[i].feed(d.text, final=d.finish_reason is not None)
+            delta = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if content:
+                delta["content"] = content
+            choice = {"index": i, "delta": delta, "finish_reason": _reason(d.finish_reason)}
+            if req.logprobs:
+                choice["logprobs"] = self._chat_logprobs(d.token_ids, d.logprobs)
+            if delta or d.finish_reason is not None or req.logprobs:
+                yield chunk([choice])
+        if req.include_usage:
+            yield chunk([], usage={"prompt_tokens": prompt_len, "completion_tokens": sum(counts),
+                                   "total_tokens": prompt_len + sum(counts)})
+
+    def _chat_logprobs(self, tokens, lps):
+        def entry(tok, lp):
+            s = self._token_str(tok)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+        content = []
+        for tok, (lp, top) in zip(tokens, lps or []):
+            content.append({**entry(tok, lp), "top_logprobs": [entry(t, v) for t, v in top.items()]})
+        return {"content": content}
+
+    # ---- completions ----
+
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
+        prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
+        wants_scores = req.echo and req.logprobs is not None
+        jobs = []
+        try:
+            for prompt in prompts:
+                max_new = self._max_new(req.max_tokens, len(prompt))
+                params = [req.sampling(max_new, req.logprobs, req.logprobs if wants_scores else None, index=i)
+                          for i in range(req.n)]
+                jobs.append((prompt, self._submit(prompt, params)))
+        except APIError:
+            for _, job in jobs:
+                self.loop.cancel(job)
+            raise
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            if len(jobs) != 1:
+                for _, job in jobs:
+                    self.loop.cancel(job)
+                raise APIError(400, "stream=true takes a single prompt", param="prompt")
+            return _sse(self._completion_stream(req, jobs[0], rid, created), jobs[0][1], self.loop)
+        choices, total_prompt, outs_all = [], 0, []
+        for p_index, (prompt, job) in enumerate(jobs):
+            outs = await _collect(job, self.loop)
+            total_prompt += len(prompt)
+            outs_all += outs
+            for j, (text, tokens, lps, reason) in enumerate(outs):
+                echo_text = self.engine.tokenizer.decode(prompt) if req.echo else ""
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._completion_logprobs(prompt if req.echo else [], job.requests[j], tokens, lps)
+                choices.append({"index": p_index * req.n + j, "text": echo_text + text, "logprobs": logprobs,
+                                "finish_reason": _reason(reason)})
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                "choices": choices, "usage": _usage(total_prompt, outs_all)}
+
+    def _completion_logprobs(self, echo_prompt, request, tokens, lps):
+        """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset; echoed prompt first."""
+        entries = []
+        if echo_prompt:
+            scores = request.prompt_logprobs or [None] * len(echo_prompt)
+            entries += [(t, s) for t, s in zip(echo_prompt, scores)]
+        entries += list(zip(tokens, lps or []))
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for tok, score in entries:
+            s = self._token_str(tok)
+            out["tokens"].append(s)
+            out["text_offset"].append(offset)
+            offset += len(s)
+            out["token_logprobs"].append(None if score is None else score[0])
+            out["top_logprobs"].append(None if score is None else {self._token_str(t): v for t, v in score[1].items()})
+        return out
+
+    async def _completion_stream(self, req: CompletionRequest, prompt_job, rid, created):
+        prompt, job = prompt_job
+
+        def chunk(choices, **extra):
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                    "choices": choices, **extra}
+
+        counts = [0] * req.n
+        if req.echo:
+            text = self.engine.tokenizer.decode(prompt)
+            for i in range(req.n):
+                yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+        async for i, d in job.deltas():
+            counts[i] += len(d.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs([], None, d.token_ids, d.logprobs)
+            yield chunk([{"index": i, "text": d.text, "logprobs": logprobs, "finish_reason": _reason(d.finish_reason)}])
+        if req.include_usage:
+            yield chunk([], usage={"prompt_tokens": len(prompt), "completion_tokens": sum(counts),
+                                   "total_tokens": len(prompt) + sum(counts)})
+
+
+def _reason(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+def _usage(prompt_tokens: int, outs) -> dict:
+    completion = sum(len(tokens) for _, tokens, _, _ in outs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def _collect(job, loop_engine: AsyncEngine):
+    """Wait for every sequence of a job -> [(text, token_ids, logprobs, finish_reason)] by index."""
+    texts = [[] for _ in job.requests]
+    try:
+        async for i, d in job.deltas():
+            texts[i].append(d.text)
+    except EngineStopped as e:
+        raise APIError(503, str(e), type_="server_error", code="unavailable") from None
+    finally:
+        loop_engine.cancel(job)  # no-op when finished; frees rows when the client went away
+    return [("".join(t), r.output, r.logprobs, r.finish_reason) for t, r in zip(texts, job.requests)]
+
+
+def _sse(chunks, job, loop_engine: AsyncEngine) -> StreamingResponse:
+    async def events():
+        try:
+            async for c in chunks:
+                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+        except EngineStopped as e:
+            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "unavailable"}}
+            yield f"data: {json.dumps(err)}\n\n"
+        finally:
+            loop_engine.cancel(job)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 from a background thread (tests, benchmarks, the web demo's
+    self-check); `with ServerThread(app) as url:` stops it on exit."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = None
+
+    def __enter__(self) -> str:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                return self.url
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server at {self.url} failed to start")
+            time.sleep(0.05)
+        raise RuntimeError(f"the server at {self.url} did not start in 30 s")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def run(args) -> int:
+    """`minimind serve`: load the checkpoint, then serve until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    from minimind.checkpoint import CheckpointError
+
+    try:
+        engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
+                                        max_batch=args.max_batch, max_len=getattr(args, "max_len", None),
+                                        compile=getattr(args, "compile", False))
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"minimind serve: {e}", file=sys.stderr)
+        return 2
+    name = args.model_name or run_name(args.ckpt)
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
+    # was there before it; ours makes that a normal exit (status 0) instead of death by signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_zero)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    except SystemExit:
+        pass
+    print("minimind serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _exit_zero(signum, frame):
+    raise SystemExit(0)
+
+
+__all__ = ["create_app", "run", "Delta"]
