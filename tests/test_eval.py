@@ -152,3 +152,66 @@ def test_ppl_bad_jsonl_names_line(random_ckpt, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n', encoding="utf-8")
     assert main(["eval", "ppl", "--ckpt", str(random_ckpt), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+LM_EVAL_DOCS = [  # answer letters: 2 of 5 are C; generation targets: 3 of 5 are what always-C writes
+    {"question": "1+1=?", "answer": "C", "gen": "CCCC"},
+    {"question": "2+2=?", "answer": "A", "gen": "CCCC"},
+    {"question": "天空是什么颜色？", "answer": "C", "gen": "blue"},
+    {"question": "3+3=?", "answer": "D", "gen": "CCCC"},
+    {"question": "4+4=?", "answer": "B", "gen": "8"},
+]
+TEXT = "Once upon a time there was a tiny language model. 从前有一个很小的语言模型。"
+
+
+@pytest.fixture(scope="module")
+def lm_tasks(tmp_path_factory):
+    """Three local lm-eval tasks (multiple_choice, generate_until, loglikelihood_rolling) on jsonl files."""
+    d = tmp_path_factory.mktemp("lm_tasks")
+    (d / "docs.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in LM_EVAL_DOCS), "utf-8")
+    (d / "text.jsonl").write_text(json.dumps({"text": TEXT}, ensure_ascii=False) + "\n", "utf-8")
+    common = "dataset_path: json\ntest_split: test\n"
+    data = lambda f: f"dataset_kwargs:\n  data_files:\n    test: {d / f}\n"
+    (d / "choice.yaml").write_text(
+        "task: mm_tiny_choice\n" + common + data("docs.jsonl") + "output_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\\n答案：\"\ndoc_to_choice: [\"A\", \"B\", \"C\", \"D\"]\n"
+        "doc_to_target: \"{{['A', 'B', 'C', 'D'].index(answer)}}\"\ntarget_delimiter: \"\"\n"
+        "metric_list:\n  - metric: acc\n", "utf-8")
+    (d / "gen.yaml").write_text(
+        "task: mm_tiny_gen\n" + common + data("docs.jsonl") + "output_type: generate_until\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_target: \"{{gen}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n", "utf-8")
+    (d / "rolling.yaml").write_text(
+        "task: mm_tiny_ppl\n" + common + data("text.jsonl") + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: bits_per_byte\n", "utf-8")
+    return d
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_lm_eval_choice_and_generate(always_c_ckpt, lm_tasks, offline, capsys):
+    pytest.importorskip("lm_eval")
+    report = run_json(["eval", "lm-eval", "--ckpt", str(always_c_ckpt), "--tasks", "mm_tiny_choice,mm_tiny_gen",
+                       "--include-path", str(lm_tasks), "--bootstrap-iters", "0", "--batch-size", "2"], capsys)
+    assert report["results"]["mm_tiny_choice"]["acc,none"] == pytest.approx(2 / 5)
+    assert report["results"]["mm_tiny_gen"]["exact_match,none"] == pytest.approx(3 / 5)
+
+
+def test_lm_eval_rolling_matches_eval_ppl(uniform_ckpt, lm_tasks, tmp_path, offline, capsys):
+    pytest.importorskip("lm_eval")
+    report = run_json(["eval", "lm-eval", "--ckpt", str(uniform_ckpt), "--tasks", "mm_tiny_ppl",
+                       "--include-path", str(lm_tasks), "--bootstrap-iters", "0"], capsys)
+    ppl = run_json(["eval", "ppl", "--ckpt", str(uniform_ckpt), "--data", str(lm_tasks / "text.jsonl")], capsys)
+    assert report["results"]["mm_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-6)
+
+
+def test_lm_eval_unknown_task_is_usage_error(always_c_ckpt, lm_tasks, offline, capsys):
+    pytest.importorskip("lm_eval")
+    assert main(["eval", "lm-eval", "--ckpt", str(always_c_ckpt), "--tasks", "no_such_task",
+                 "--include-path", str(lm_tasks)]) == 2
+    assert "no_such_task" in capsys.readouterr().err
