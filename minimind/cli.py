@@ -110,6 +110,12 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--max-len", type=positive_int, metavar="N", help="KV-cache length (default min(context, 2048))")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--lora", type=existing_path, metavar="DIR")
     _sampling_arguments(p)
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    _engine_arguments(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", metavar="ID")
     p.add_argument("--max-batch", type=positive_int, default=32)
     p.add_argument("--max-queue", type=positive_int, default=256)
+    _engine_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate a model")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
@@ -185,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-fewshot", type=int, metavar="K")
     q.add_argument("--limit", type=float, metavar="N", help="examples per task (a fraction if < 1)")
     q.add_argument("--max-len", type=positive_int, metavar="N", help="context length (default: the model's)")
+    q.add_argument("--bootstrap-iters", type=int, default=100000, metavar="N",
+                   help="bootstrap resamples for standard errors (lm-eval's default; 0 skips them)")
     _eval_arguments(q)
 
     p = sub.add_parser("export", help="export to a stock transformers directory")
