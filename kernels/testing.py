@@ -1,0 +1,62 @@
+"""The one tolerance table the kernel tests (tests/test_kernels_*.py) and bench/gpu.sh compare with.
+
+Kernels and references compute in fp32 and differ only in the order of their sums and in where they
+round to the storage dtype, so each row is a few units in the last place of its dtype. `atol` is
+scaled by max|expected| when that exceeds 1: a gradient that sums many products carries an error
+proportional to its own size, not to 1.
+"""
+
+import torch
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    # fp32: sums in another order than torch's (tiles, online log-sum-exp): a few ulps
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    # fp16 (interpreter and GPU): the references round intermediates to fp16 (silu before the product,
+    # each expert matmul), the kernels keep fp32 until the store: up to ~4 ulps (eps 9.8e-4) apart
+    "float16": dict(rtol=4e-3, atol=4e-3),
+    # bf16 (GPU only): 8 mantissa bits, 1 ulp at 1 is 7.8e-3; the same rounding points as fp16
+    "bfloat16": dict(rtol=3e-2, atol=3e-2),
+    # whole model, fp32: losses and every parameter's gradient after a full forward/backward, and the
+    # losses of a few AdamW steps (Adam divides by sqrt(v), so near-zero gradients amplify differences)
+    "model": dict(rtol=1e-4, atol=1e-4),
+}
+
+
+def tolerance(dtype_or_row) -> dict[str, float]:
+    key = dtype_or_row if isinstance(dtype_or_row, str) else str(dtype_or_row).removeprefix("torch.")
+    return TOLERANCES[key]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, row=None, msg: str = "") -> None:
+    """torch.testing.assert_close with the table's row for `row` (a dtype or "model"; default: expected's
+    dtype), atol scaled by max(1, max|expected|)."""
+    tol = tolerance(row if row is not None else expected.dtype)
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=(lambda m: f"{msg}: {m}") if msg else None
+    )
+
+
+def check_against_ref(op, ref, args: tuple, wrt: tuple[int, ...], row=None, msg: str = "") -> None:
+    """op(*args) vs ref(*args): every floating output, then the gradient of each args[i] (i in wrt)
+    under one random upstream gradient per output (the same for both)."""
+    leaves = [a.detach().clone().requires_grad_(i in wrt) if torch.is_tensor(a) else a for i, a in enumerate(args)]
+    got, want = _as_tuple(op(*leaves)), _as_tuple(ref(*leaves))
+    assert len(got) == len(want), f"{msg}: {len(got)} outputs, reference has {len(want)}"
+    pairs = [(g, w) for g, w in zip(got, want) if w.is_floating_point()]
+    for i, (g, w) in enumerate(pairs):
+        assert_close(g, w, row, f"{msg} output {i}")
+    if not wrt:
+        return
+    upstream = [torch.randn_like(w) for _, w in pairs]
+    inputs = [leaves[i] for i in wrt]
+    got_grads = torch.autograd.grad([g for g, _ in pairs], inputs, upstream, allow_unused=True)
+    want_grads = torch.autograd.grad([w for _, w in pairs], inputs, upstream, allow_unused=True)
+    for i, g, w in zip(wrt, got_grads, want_grads):
+        assert (g is None) == (w is None), f"{msg}: grad of arg {i}: kernel gave {g}, reference {w}"
+        if w is not None:
+            assert_close(g, w, row, f"{msg} grad of arg {i}")
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
