@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-len", type=positive_int, metavar="N", help="context length (default: the model's)")
     q.add_argument("--bootstrap-iters", type=int, default=100000, metavar="N",
                    help="bootstrap resamples for standard errors (lm-eval's default; 0 skips them)")
+    q.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts (and few-shot turns) with the tokenizer's chat template")
     _eval_arguments(q)
 
     p = sub.add_parser("export", help="export to a stock transformers directory")

@@ -202,6 +202,19 @@ def test_lm_eval_choice_and_generate(always_c_ckpt, lm_tasks, offline, capsys):
     assert report["results"]["mm_tiny_gen"]["exact_match,none"] == pytest.approx(3 / 5)
 
 
+def test_lm_eval_with_chat_template(always_c_ckpt, lm_tasks, offline, capsys):
+    """The chat-template path renders prompts (no doubled bos) and scores the same as the plain one here."""
+    pytest.importorskip("lm_eval")
+    from minimind.eval.lm_eval import MiniMindLM
+
+    lm = MiniMindLM(ckpt=always_c_ckpt)
+    text = lm.apply_chat_template([{"role": "user", "content": "1+1=?"}])
+    assert "1+1=?" in text and lm._encode_context(text).count(lm.prefix[0]) == lm._encode(text).count(lm.prefix[0])
+    report = run_json(["eval", "lm-eval", "--ckpt", str(always_c_ckpt), "--tasks", "mm_tiny_choice",
+                       "--include-path", str(lm_tasks), "--bootstrap-iters", "0", "--apply-chat-template"], capsys)
+    assert report["results"]["mm_tiny_choice"]["acc,none"] == pytest.approx(2 / 5)
+
+
 def test_lm_eval_rolling_matches_eval_ppl(uniform_ckpt, lm_tasks, tmp_path, offline, capsys):
     pytest.importorskip("lm_eval")
     report = run_json(["eval", "lm-eval", "--ckpt", str(uniform_ckpt), "--tasks", "mm_tiny_ppl",

@@ -47,7 +47,8 @@ def run(args) -> int:
         return 2
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # lm-eval: < 1 a fraction
     out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
-                          task_manager=manager, bootstrap_iters=args.bootstrap_iters, log_samples=False)
+                          task_manager=manager, bootstrap_iters=args.bootstrap_iters, log_samples=False,
+                          apply_chat_template=args.apply_chat_template)
     report = {"results": out["results"], "n-shot": out.get("n-shot"), "versions": out.get("versions"),
               "ckpt": str(args.ckpt), "tasks": tasks}
     write_report(json.loads(json.dumps(report, default=str)), args.report)
@@ -87,6 +88,22 @@ class MiniMindLM(LM):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _encode_context(self, text: str) -> list[int]:
+        """bos + text, unless a chat template already put the bos token first."""
+        ids = self._encode(text)
+        return ids if ids[:1] == self.prefix else self.prefix + ids
+
+    @property
+    def tokenizer_name(self) -> str:  # lm-eval fingerprints its request cache with this
+        return str(getattr(self.tokenizer, "name_or_path", "minimind")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return (self.tokenizer.chat_template or "") if chat_template else ""
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
         for req in requests:
@@ -95,7 +112,7 @@ class MiniMindLM(LM):
             if n:  # " world" scores as one token with its space, not as a bare context space
                 context, continuation = context[:-n], context[-n:] + continuation
             whole, ctx = self._encode(context + continuation), self._encode(context)
-            pairs.append((self.prefix + ctx, whole[len(ctx):]))
+            pairs.append((self._encode_context(context), whole[len(ctx):]))
         return self._score(pairs, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -145,7 +162,7 @@ class MiniMindLM(LM):
             sample = kwargs.get("do_sample", False)
             temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
             room = self._engine.max_len - max_new
-            prompts.append((self.prefix + self._encode(context))[-room:])
+            prompts.append(self._encode_context(context)[-room:])
             params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                          stop=[until] if isinstance(until, str) else list(until)))
         done = self._engine.generate(prompts, params)
