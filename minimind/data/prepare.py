@@ -16,12 +16,14 @@ splits it). Layout of a prepared directory:
   meta.json     stage, tokenizer fingerprint, counts, file sizes, format version
 """
 
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,20 +102,31 @@ class _Encoder:
             return [(self.render(_prompt_turns(msgs), add_generation_prompt=True), True)]
         return [(self.render(msgs), True)]
 
-    def weights(self, text: str, offsets) -> np.ndarray:
-        """uint8 weight codes (0, 1, 2 = tag) per token, from assistant character spans of the rendered text."""
+    def weights(self, text: str, encoding) -> np.ndarray:
+        """uint8 weight codes (0, 1, 2 = tag) per token, from assistant character spans of the rendered text.
+
+        A span's tokens run from the first token starting inside it to the token holding its last
+        character (the closing <|im_end|>); char_to_token keeps this to a few calls per span.
+        """
         spans = _assistant_spans(text)
         if self.stage == "dpo":
             spans = spans[-1:]
-        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-        ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
-        codes = np.zeros(len(offsets), dtype=np.uint8)
+        codes = np.zeros(len(encoding), dtype=np.uint8)
         for a, b in spans:
-            codes[(starts >= a) & (starts < b)] = 1
+            first, last = _token_range(encoding, a, b)
+            codes[first:last] = 1
             if self.stage == "reason":
                 for ta, tb in _tag_spans(text, a, b):
-                    codes[(starts < tb) & (ends > ta) & (codes > 0)] = 2
+                    t0, t1 = encoding.char_to_token(ta), encoding.char_to_token(tb - 1)
+                    codes[max(t0, first):t1 + 1] = 2  # every token a tag overlaps, when it is split
         return codes
+
+
+def _token_range(encoding, a: int, b: int) -> tuple[int, int]:
+    first = encoding.char_to_token(a)
+    if encoding.token_to_chars(first)[0] < a:  # merged with the header's newline: it belongs to the header
+        first += 1
+    return first, encoding.char_to_token(b - 1) + 1
 
 
 def _messages(obj: dict, field: str) -> list[dict]:
@@ -246,7 +259,7 @@ class _Block:
                 self._doc(ids, codes, int(np.argmax(codes > 0)))
 
     def _chat(self, enc: _Encoder, text: str, encoding):
-        ids, codes = encoding.ids, enc.weights(text, encoding.offsets)
+        ids, codes = encoding.ids, enc.weights(text, encoding)
         if len(ids) > enc.max_seq_len:
             n = _cut(codes, ids, enc.im_end, enc.max_seq_len)
             ids, codes = ids[:n], codes[:n]
@@ -261,9 +274,9 @@ class _Block:
             self.codes.append(codes)
 
     def finish(self, dtype) -> dict:
-        flat = [t for ids in self.tokens for t in ids]
+        flat = itertools.chain.from_iterable(self.tokens)
         return {
-            "tokens": np.asarray(flat, dtype=dtype),
+            "tokens": np.fromiter(flat, dtype=dtype, count=sum(self.lengths)),
             "codes": np.concatenate(self.codes) if self.codes else np.zeros(0, np.uint8),
             "lengths": np.asarray(self.lengths, dtype=np.int64),
             "prompt_lens": np.asarray(self.prompt_lens, dtype=np.int32),
@@ -327,17 +340,19 @@ def _run_blocks(path: Path, settings: dict, workers: int, writer: _Writer, bar) 
         for block, first in _blocks(path):
             _take(encode_block((settings, block, first)), len(block), path, writer, bar)
         return
-    ctx = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
+    # fork: workers start in milliseconds and need no importable __main__; they never touch torch.
+    # A worker that dies raises BrokenProcessPool here instead of hanging the run.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
         pending = deque()
         for block, first in _blocks(path):
-            pending.append((pool.apply_async(encode_block, ((settings, block, first),)), len(block)))
+            pending.append((pool.submit(encode_block, (settings, block, first)), len(block)))
             if len(pending) >= 2 * workers:
                 res, size = pending.popleft()
-                _take(res.get(), size, path, writer, bar)
+                _take(res.result(), size, path, writer, bar)
         while pending:
             res, size = pending.popleft()
-            _take(res.get(), size, path, writer, bar)
+            _take(res.result(), size, path, writer, bar)
 
 
 def _worker_init() -> None:

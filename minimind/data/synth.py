@@ -281,7 +281,7 @@ def _single_qa(rng: random.Random, world: World) -> tuple[str, str, bool]:
 def pretrain_doc(rng: random.Random, world: World) -> dict:
     zh = rng.random() < 0.5
     parts = [_pretrain_piece(rng, world, zh) for _ in range(rng.randint(1, 3))]
-    return {"text": ("\n" if rng.random() < 0.5 else "").join(parts)}
+    return {"text": ("\n" if rng.random() < 0.5 else " ").join(parts)}
 
 
 def _pretrain_piece(rng: random.Random, world: World, zh: bool) -> str:
@@ -332,12 +332,20 @@ def dpo_doc(rng: random.Random, world: World) -> dict:
             "rejected": prompt + [{"role": "assistant", "content": bad}]}
 
 
+def _two_steps(rng: random.Random) -> tuple[int, int, int]:
+    """a, b, c with both a + b and (a + b) - c in the training part of the problem space."""
+    while True:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        c = rng.randint(0, a + b)
+        if not is_held_out("+", a, b) and not is_held_out("-", a + b, c):
+            return a, b, c
+
+
 def reason_doc(rng: random.Random, world: World) -> dict:
     zh = rng.random() < 0.5
     if rng.random() < 0.6:
         p = rng.choice(world.people)
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        c = rng.randint(0, a + b)
+        a, b, c = _two_steps(rng)
         s, r = a + b, a + b - c
         if zh:
             q = f"{p.zh}有{a}个苹果，又买了{b}个，吃掉{c}个，还剩几个？"

@@ -164,10 +164,26 @@ class ChatRenderer:
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(template)
+        self.native = template == CHAT_TEMPLATE
         self.tokens = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.native:  # our own template, rendered in plain Python: 10x cheaper than jinja per chat
+            return render_chatml(messages, add_generation_prompt)
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """CHAT_TEMPLATE without jinja (same output; tests compare them)."""
+    parts = []
+    for m in messages:
+        parts.append(IM_START + m["role"] + "\n")
+        if m["role"] == "assistant" and m.get("reasoning_content"):
+            parts.append("<think>\n" + m["reasoning_content"] + "\n</think>\n")
+        parts.append(m["content"] + IM_END + "\n")
+    if add_generation_prompt:
+        parts.append(IM_START + "assistant\n")
+    return "".join(parts)
 
 
 def _token_str(value):
