@@ -121,6 +121,13 @@ def test_choice_bad_csv_errors(always_c_ckpt, tmp_path, capsys):
     assert "bad.csv:4" in err and "'E'" in err
 
 
+def test_choice_same_subject_twice_is_an_error(always_c_ckpt, tmp_path, capsys):
+    write_subject(tmp_path / "law_dev.csv", "AB")
+    write_subject(tmp_path / "law_val.csv", "CD")
+    assert main(["eval", "choice", "--ckpt", str(always_c_ckpt), "--data", str(tmp_path)]) == 2
+    assert "'law' again" in capsys.readouterr().err
+
+
 def test_uniform_model_perplexity_is_vocab_size(uniform_ckpt, tokenizer_dir, tmp_path, capsys):
     docs = ["The quick brown fox jumps over the lazy dog. " * 30, "你好，世界！这是一个测试。", "short"]
     data = tmp_path / "held_out.jsonl"

@@ -139,3 +139,12 @@ def test_hf_unsupported_config_is_named(tmp_path, capsys):
     assert main(["import", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "hidden_act" in err
+
+
+def test_hf_truncated_weights_are_named(tmp_path, capsys):
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch"))
+    hf_dir = export_hf(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "hf")
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["import", "--from", "hf", str(hf_dir), "--out", str(tmp_path / "back")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err and not (tmp_path / "back").exists()

@@ -53,10 +53,14 @@ def read_subjects(path) -> dict[str, list[Question]]:
     path = Path(path)
     files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
     if not files:
-        raise EvalDataError(f"{path}: no .csv files in this directory")
-    out = {}
+        raise EvalDataError(f"{path}: no .csv files in this directory (C-Eval: pass its val/ or dev/ directory)")
+    out, source = {}, {}
     for file in files:
-        out[subject_of(file)] = read_csv(file)
+        subject = subject_of(file)
+        if subject in source:
+            raise EvalDataError(f"{file}: subject {subject!r} again (also {source[subject].name}); "
+                                "pass one split's directory")
+        out[subject], source[subject] = read_csv(file), file
     return out
 
 

@@ -184,17 +184,25 @@ def _rope_from_hf(hf: dict, source: Path) -> dict:
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v for shard in shards for k, v in _load_tensors(path / shard).items()}
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return _load_tensors(path / name)
     raise ImportFormatError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors have many types
+        raise ImportFormatError(f"{file}: missing, truncated or corrupt ({e})") from None
 
 
 def _read_json(file: Path) -> dict:
