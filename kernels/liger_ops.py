@@ -5,31 +5,31 @@ dependency of the core: importing this module without liger-kernel raises an Imp
 Liger ops used: RMSNorm, fused add+RMSNorm, RoPE (its (B, H, T, Dh) layout, so q and k are transposed
 around it), SiLU-mul, cross-entropy and fused linear cross-entropy when there are no per-token
 weights (Liger's `weight` is per class), and its fused MoE (gate and up concatenated to its (E, 2F, D)
-layout per call). The router (`moe_gate`) and the weighted losses are our references.
+layout per call). The router (`moe_gate`) and the weighted losses are our references. Liger's
+cross-entropy overwrites its logits argument with their gradient (its design, to save memory).
 """
 
-import importlib.util
+import torch
 
-if importlib.util.find_spec("liger_kernel") is None:
+from kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref
+from kernels.dispatch import Ops
+from kernels.moe import moe_gate_ref
+
+try:
+    from liger_kernel.ops import LigerFusedMoEFunction
+    from liger_kernel.transformers.functional import (
+        liger_cross_entropy,
+        liger_fused_add_rms_norm,
+        liger_fused_linear_cross_entropy,
+        liger_rms_norm,
+        liger_rope,
+        liger_swiglu,
+    )
+except ImportError as e:
     raise ImportError(
         "kernels='liger' needs liger-kernel, which is not installed: `pip install liger-kernel` (add --no-deps "
         "if pip wants another torch), or use kernels='triton' or 'torch'"
-    )
-
-import torch  # noqa: E402
-from liger_kernel.ops import LigerFusedMoEFunction  # noqa: E402
-from liger_kernel.transformers.functional import (  # noqa: E402
-    liger_cross_entropy,
-    liger_fused_add_rms_norm,
-    liger_fused_linear_cross_entropy,
-    liger_rms_norm,
-    liger_rope,
-    liger_swiglu,
-)
-
-from kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref  # noqa: E402
-from kernels.dispatch import Ops  # noqa: E402
-from kernels.moe import moe_gate_ref  # noqa: E402
+    ) from e
 
 
 def rmsnorm(x, weight, eps):
@@ -41,11 +41,24 @@ def add_rmsnorm(x, residual, weight, eps):
     return liger_fused_add_rms_norm(x, residual, weight, eps, in_place=False)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: Liger's RoPE backward reads its
+    incoming gradient as contiguous, and ours arrives as a transposed view."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def rope(q, k, cos, sin, position_ids):
     c, s = cos[position_ids], sin[position_ids]  # (B, T, Dh/2): Liger takes the half tables with rotary_dim
     # Liger reads (B, H, T, Dh) as laid out contiguously: a transposed view gives wrong results
     q2, k2 = liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), c, s, rotary_dim=q.shape[-1])
-    return q2.transpose(1, 2), k2.transpose(1, 2)
+    return _ContiguousGrad.apply(q2).transpose(1, 2), _ContiguousGrad.apply(k2).transpose(1, 2)
 
 
 def swiglu(gate, up):
