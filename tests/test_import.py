@@ -99,8 +99,9 @@ def test_pth_without_config_and_existing_out_are_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_word_embeddings": False},
-                                       {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2}],
-                         ids=["llama", "qwen3", "moe"])
+                                       {"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2},
+                                       {"use_moe": True, "qk_norm": True}],
+                         ids=["llama", "qwen3", "moe", "moe_qk_norm"])
 def test_hf_round_trip(tmp_path, overrides, tokenizer_dir):
     config = ModelConfig.from_preset("tiny", [f"{k}={v}" for k, v in overrides.items()], kernels="torch")
     torch.manual_seed(3)

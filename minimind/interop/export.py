@@ -156,8 +156,6 @@ def _yarn_parameters(scaling: dict) -> dict:
 
 
 def _moe_fields(config: ModelConfig) -> dict:
-    if config.qk_norm:
-        raise ExportError("config.json: MoE with qk_norm has no export yet (the bundled MoE code is Llama-based)")
     stem = [name.removesuffix(".py") for name in MOE_FILES]
     return {
         "architectures": ["MiniMindMoEForCausalLM"],
@@ -173,6 +171,7 @@ def _moe_fields(config: ModelConfig) -> dict:
         "scoring_func": config.scoring_func,
         "aux_loss_alpha": config.aux_loss_alpha,
         "seq_aux": config.seq_aux,
+        "qk_norm": config.qk_norm,
     }
 
 

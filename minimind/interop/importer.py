@@ -151,7 +151,7 @@ def config_from_hf(hf: dict, source: Path) -> ModelConfig:
                                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
                                  "max_position_embeddings") if hf.get(k) is not None}
     fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", kind == "minimind"))
-    fields["qk_norm"] = kind == "qwen3"
+    fields["qk_norm"] = kind == "qwen3" or bool(hf.get("qk_norm", False))
     fields.update(_rope_from_hf(hf, source))
     if kind == "minimind_moe" or hf.get("use_moe"):
         fields["use_moe"] = True

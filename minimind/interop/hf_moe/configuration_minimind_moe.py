@@ -20,6 +20,7 @@ class MiniMindMoEConfig(LlamaConfig):
         scoring_func: str = "softmax",
         aux_loss_alpha: float = 0.01,
         seq_aux: bool = True,
+        qk_norm: bool = False,
         **kwargs,
     ):
         self.n_routed_experts = n_routed_experts
@@ -29,4 +30,5 @@ class MiniMindMoEConfig(LlamaConfig):
         self.scoring_func = scoring_func
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
+        self.qk_norm = qk_norm  # per-head RMSNorm on q and k before RoPE, as Qwen3
         super().__init__(**kwargs)

@@ -1,6 +1,7 @@
 """Hugging Face modeling code for exported minimind MoE models (loaded with `trust_remote_code=True`).
 
-The decoder is stock Llama; only each layer's feed-forward is replaced by the DeepSeek-style MoE of
+The decoder is stock Llama (with Qwen3's attention, which has per-head q/k RMSNorm, when the
+config has `qk_norm`); only each layer's feed-forward is replaced by the DeepSeek-style MoE of
 minimind (arXiv:2401.06066): a softmax router over E experts, top-K per token (renormalised when
 `norm_topk_prob`), stacked expert weights gate_proj/up_proj (E, F, D) and down_proj (E, D, F), plus
 shared experts that see every token. Tensor names equal minimind's, so the export is a copy. The
@@ -63,8 +64,12 @@ class MiniMindMoEForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: MiniMindMoEConfig):
         super().__init__(config)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             layer.mlp = MiniMindMoEFeedForward(config)
+            if getattr(config, "qk_norm", False):
+                from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+                layer.self_attn = Qwen3Attention(config, layer_idx=i)
         self.post_init()
 
     @torch.no_grad()
