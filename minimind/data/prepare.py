@@ -65,10 +65,8 @@ class _Encoder:
         self.im_end = self.tok.token_to_id(IM_END)
         self.dtype = np.uint16 if self.tok.get_vocab_size() <= 1 << 16 else np.uint32
 
-    def parse(self, raw: bytes):
-        """A line's JSON object, or raises _Bad. Returns None for a blank line."""
-        if not raw.strip():
-            return None
+    def parse(self, raw: bytes) -> dict:
+        """A line's JSON object, or raises _Bad."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -206,11 +204,11 @@ def encode_block(args) -> dict:
     pieces, owners = [], []  # texts to tokenize, and (line number, obj, pieces of that line)
     for k, raw in enumerate(lines):
         lineno = first_line + k
+        if not raw.strip():
+            continue  # blank lines are skipped (SPEC §3)
+        out.lines += 1
         try:
             obj = enc.parse(raw)
-            if obj is None:
-                continue
-            out.lines += 1
             texts = enc.texts(obj)
             answer = _answer(obj) if enc.stage == "grpo" else None
         except _Bad as e:
