@@ -15,9 +15,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # an optional (dev) dependency: say how to get it
+    raise ImportError("minimind eval lm-eval needs lm-evaluation-harness: pip install lm-eval") from e
 
 from minimind.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from minimind.eval import pick_device, write_report
