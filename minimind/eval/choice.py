@@ -35,6 +35,9 @@ class Question:
 
 
 def run(args) -> int:
+    if args.shots < 0:
+        print(f"minimind eval choice: --shots: expected an integer >= 0, got {args.shots}", file=sys.stderr)
+        return 2
     try:
         subjects = read_subjects(args.data)
         dev = read_subjects(args.dev) if args.dev is not None else {}
