@@ -81,6 +81,7 @@ class MiniMindLM(LM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_len = int(max_len or model.config.max_position_embeddings)
+        self.engine_len = int(max_len) if max_len else None  # None: the engine's default cache length
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix = [start] if start is not None else []
         self._engine = None
@@ -155,14 +156,13 @@ class MiniMindLM(LM):
         from infer.engine import Engine, SamplingParams
 
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size,
-                                  max_len=min(self.max_len, self.model.config.max_position_embeddings))
+            self._engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_len=self.engine_len)
         prompts, params = [], []
         for req in requests:
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
-            max_new = int(kwargs.pop("max_gen_toks", 256))
+            max_new = min(int(kwargs.pop("max_gen_toks", 256)), self._engine.max_len - 1)
             sample = kwargs.get("do_sample", False)
             temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
             room = self._engine.max_len - max_new
