@@ -39,6 +39,10 @@ def run(args) -> int:
             config = ModelConfig.from_preset(args.config, args.overrides, kernels="torch")
             model, tokenizer = import_minimind_pth(args.path, config), args.tokenizer
         else:
+            if args.config is not None or args.overrides:
+                print("minimind import: --config/--set apply to --from minimind-pth only; an hf directory "
+                      "carries its config.json", file=sys.stderr)
+                return 2
             model = import_hf(args.path)
             tokenizer = args.tokenizer or (args.path if (Path(args.path) / "tokenizer.json").is_file() else None)
         save_checkpoint(args.out, model, tokenizer_dir=tokenizer, metadata={"imported_from": args.path})
