@@ -92,15 +92,20 @@ def save_checkpoint(
     `extra(tmp_dir)` adds (e.g. trainer_state/), atomically to `path`."""
 
     def fill(tmp: Path):
-        model.config.save(tmp / CONFIG_FILE)
-        meta = {"format": "minimind", **{k: str(v) for k, v in (metadata or {}).items()}}
-        save_file(state_dict_for_save(model), tmp / WEIGHTS_FILE, metadata=meta)
+        write_model_files(tmp, model, metadata)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         if extra is not None:
             extra(tmp)
 
     return atomic_dir(Path(path), fill)
+
+
+def write_model_files(dir_: Path, model: torch.nn.Module, metadata: dict | None = None) -> None:
+    """config.json + model.safetensors into an existing (temporary) directory."""
+    model.config.save(Path(dir_) / CONFIG_FILE)
+    meta = {"format": "minimind", **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(state_dict_for_save(model), Path(dir_) / WEIGHTS_FILE, metadata=meta)
 
 
 def copy_tokenizer(src, dst) -> None:

@@ -1,0 +1,76 @@
+"""Process-group set-up for `torchrun` (DDP: gloo on CPU, nccl on CUDA) and the few collectives the
+loop needs. A single process is a world of size 1 and every collective is a no-op.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _comm_device(self):
+        return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
+
+    def no_sync(self, model, last: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an optimizer step."""
+        if self.enabled and not last and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def cleanup(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(cfg: dict) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device = None
+    if use_cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def wrap(trainer):
+    """DDP-wrap the model when running under torchrun (world size > 1)."""
+    d = trainer.dist
+    if not d.enabled:
+        return trainer.model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [d.device.index] if d.device is not None else None
+    return DDP(trainer.model, device_ids=ids)

@@ -1,0 +1,153 @@
+"""GRPO (DeepSeekMath, arXiv:2402.03300): sample a group of completions per prompt with the KV-cached
+engine, score them with rule rewards, and push up the log-probs of completions that beat their
+group's mean, with a clipped ratio and a k3 KL penalty to a frozen reference.
+
+Rewards: exact match on the rlaif `answer` (1), the <think>/<answer> format (0.2), minus penalties
+for running out of tokens without stopping (0.1) and for repeated trigrams (up to 0.2).
+"""
+
+import re
+from typing import NamedTuple
+
+import torch
+
+from minimind.stages import Setup, _meta
+
+_NUMBER = re.compile(r"-?\d+")
+_FORMAT = re.compile(r"^\s*<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*$", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def reward(text: str, answer: str | None, finished: bool) -> float:
+    r = 0.0
+    if answer is not None and answer_matches(text, answer):
+        r += 1.0
+    if _FORMAT.match(text):
+        r += 0.2
+    if not finished:
+        r -= 0.1
+    return r - 0.2 * repetition(text)
+
+
+def answer_matches(text: str, answer: str) -> bool:
+    m = _ANSWER.search(text)
+    body = (m.group(1) if m else text).strip()
+    gold = answer.strip()
+    if _NUMBER.fullmatch(gold):
+        numbers = _NUMBER.findall(body)
+        return bool(numbers) and numbers[-1] == gold
+    return gold in body
+
+
+def repetition(text: str) -> float:
+    """Fraction of character trigrams that are repeats (0 for short texts)."""
+    grams = [text[i : i + 3] for i in range(len(text) - 2)]
+    if len(grams) < 8:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+class RolloutBatch(NamedTuple):
+    input_ids: torch.Tensor  # (R, T) prompt + completion, R = prompts * group size
+    targets: torch.Tensor  # (R, T) next tokens, -100 outside the completion
+    weights: torch.Tensor  # (R, T) 1 on completion targets
+    position_ids: torch.Tensor | None
+    advantages: torch.Tensor  # (R,)
+    old_logp: torch.Tensor  # (R, T) policy log-probs at sampling time
+    ref_logp: torch.Tensor  # (R, T)
+    reward: torch.Tensor  # (R,)
+
+
+def token_logps(model, ids, targets):
+    logits = model(ids).logits.float()  # (R, T, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return logp * (targets != -100)
+
+
+class GRPO:
+    metrics = ("reward", "kl")
+
+    def __init__(self, beta: float, clip_eps: float = 0.2):
+        self.beta, self.clip = beta, clip_eps
+
+    def weight(self, batch) -> torch.Tensor:
+        return batch.weights.sum()
+
+    def __call__(self, model, batch):
+        logp = token_logps(model, batch.input_ids, batch.targets)
+        ratio = torch.exp(logp - batch.old_logp)
+        adv = batch.advantages.unsqueeze(1)
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+        log_r = batch.ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
+        per_token = -(surrogate - self.beta * kl) * batch.weights
+        w = batch.weights
+        with torch.no_grad():
+            kl_mean = (kl * w).sum() / w.sum().clamp_min(1)
+        zero = per_token.new_zeros(())
+        return per_token.sum(), zero, {"reward": batch.reward.mean(), "kl": kl_mean}
+
+
+class GRPOSetup(Setup):
+    def _objective(self):
+        from infer.engine import Engine
+
+        self.ref = self._frozen(self.cfg["ref"] or self.base_ckpt, "--ref")
+        if self.ref.config.to_dict() != self.model.config.to_dict():
+            raise ValueError(f"--ref {self.cfg['ref']}: its architecture differs from the policy's (--init)")
+        from minimind.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        group = self.cfg["group_size"]
+        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg["batch_size"] * group)
+        self.rollouts = 0
+        return GRPO(beta=self.cfg["beta"] if self.cfg["beta"] is not None else 0.04)
+
+    def _check_data(self, data_dir):
+        if _meta(data_dir).get("stage") != "grpo":
+            from minimind.train import UsageError
+
+            raise UsageError(f"--data {data_dir} was prepared for stage {_meta(data_dir).get('stage')!r}; "
+                             "--stage grpo needs data prepared as grpo (rlaif prompts)")
+
+    def next_batch(self):
+        from infer.engine import SamplingParams
+
+        prompts = next(self._iter)
+        g = self.cfg["group_size"]
+        seed = self.cfg["seed"] * 1_000_003 + self.rollouts
+        self.rollouts += 1
+        flat = [p for p in prompts.prompt_ids for _ in range(g)]
+        params = [SamplingParams(max_new_tokens=self.cfg["max_new_tokens"], temperature=1.0, top_p=1.0,
+                                 seed=seed + i) for i in range(len(flat))]
+        outs = self.engine.generate(flat, params)
+        answers = [a for a in prompts.answers for _ in range(g)]
+        rewards = torch.tensor([reward(o.text, a, o.finish_reason == "stop") for o, a in zip(outs, answers)])
+        grouped = rewards.view(-1, g)
+        adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+        return self._pack(flat, [o.token_ids for o in outs], adv, rewards)
+
+    def _pack(self, prompts, completions, adv, rewards) -> RolloutBatch:
+        eos = self.tokenizer.eos_token_id
+        seqs = [p + c for p, c in zip(prompts, completions)]
+        t = max(len(s) for s in seqs) - 1
+        ids = torch.full((len(seqs), t), eos, dtype=torch.long)
+        targets = torch.full((len(seqs), t), -100, dtype=torch.long)
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            ids[i, : len(s) - 1] = torch.tensor(s[:-1])
+            targets[i, len(p) - 1 : len(s) - 1] = torch.tensor(s[len(p) :])
+        weights = (targets != -100).float()
+        ids, targets = ids.to(self.device), targets.to(self.device)
+        with torch.no_grad():
+            old = token_logps(self.model, ids, targets)
+            ref = token_logps(self.ref, ids, targets)
+        return RolloutBatch(ids, targets, weights.to(self.device), None, adv.to(self.device), old, ref,
+                            rewards.to(self.device))
+
+    @staticmethod
+    def tokens_in(batch) -> int:
+        return batch.input_ids.numel()
+
+    @staticmethod
+    def useful_in(batch) -> int:
+        return int(batch.weights.sum())

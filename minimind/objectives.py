@@ -1,0 +1,138 @@
+"""Training objectives: each turns (model, batch) into a summed loss, the weight that sum is over, and
+the stage's own metrics. The training loop divides by the total weight of the optimizer step (all
+micro-batches, all ranks), so accumulation and DDP give the same update as one big batch.
+
+Shapes: B rows, T time, V vocab; N = B*T flattened tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def token_nll(model, batch, weights=None, reduction="sum"):
+    """Forward + weighted next-token NLL through the model's fused linear-CE op (never all N x V logits
+    on the Triton path). -> (loss, aux_loss)."""
+    out = model(batch.input_ids, position_ids=batch.position_ids, return_hidden=True)
+    inner = _unwrap(model)
+    hidden = out.hidden.flatten(0, 1)  # (N, D)
+    w = batch.weights if weights is None else weights
+    loss = inner.ops.fused_linear_cross_entropy(
+        hidden, inner.lm_head.weight, batch.targets.flatten(), w.flatten(), reduction=reduction
+    )
+    return loss, out.aux_loss
+
+
+class CausalLM:
+    """pretrain / sft / lora: sum of w * NLL over target tokens; weight = sum of w."""
+
+    metrics = ()
+
+    def weight(self, batch) -> torch.Tensor:
+        return batch.weights.sum()
+
+    def __call__(self, model, batch):
+        loss_sum, aux = token_nll(model, batch)
+        return loss_sum, aux, {}
+
+
+class Reason(CausalLM):
+    """reason: SFT whose <think>/<answer> tag tokens carry a higher weight (set by prepare);
+    reports tag_loss, the mean NLL on the tag tokens alone."""
+
+    metrics = ("tag_loss",)
+
+    def __call__(self, model, batch):
+        out = model(batch.input_ids, position_ids=batch.position_ids)
+        inner = _unwrap(model)
+        nll = inner.ops.cross_entropy(
+            out.logits.flatten(0, 1), batch.targets.flatten(), None, reduction="none"
+        )  # (N,)
+        w = batch.weights.flatten()
+        tags = (w > 1).float()
+        with torch.no_grad():
+            tag_loss = (nll * tags).sum() / tags.sum().clamp_min(1)
+        return (nll * w).sum(), out.aux_loss, {"tag_loss": tag_loss}
+
+
+class DPO:
+    """Sigmoid DPO (arXiv:2305.18290) on summed response log-probs against a frozen reference."""
+
+    metrics = ("margin", "accuracy", "reward_chosen", "reward_rejected")
+
+    def __init__(self, ref_model, beta: float):
+        self.ref, self.beta = ref_model, beta
+
+    def weight(self, batch) -> torch.Tensor:
+        return torch.tensor(float(batch.chosen.input_ids.shape[0]))
+
+    @staticmethod
+    def _both(batch):
+        c, r = batch.chosen, batch.rejected
+        t = max(c.input_ids.shape[1], r.input_ids.shape[1])
+
+        def pad(x, value):
+            return F.pad(x, (0, t - x.shape[1]), value=value)
+
+        ids = torch.cat([pad(c.input_ids, 0), pad(r.input_ids, 0)])  # (2B, T)
+        targets = torch.cat([pad(c.targets, -100), pad(r.targets, -100)])
+        weights = torch.cat([pad(c.weights, 0.0), pad(r.weights, 0.0)])
+        return ids, targets, weights
+
+    @staticmethod
+    def _logps(model, ids, targets, weights):
+        out = model(ids)
+        nll = _unwrap(model).ops.cross_entropy(
+            out.logits.flatten(0, 1), targets.flatten(), weights.flatten(), reduction="none"
+        )
+        return -nll.view(ids.shape).sum(dim=1), out.aux_loss  # (2B,)
+
+    def __call__(self, model, batch):
+        ids, targets, weights = self._both(batch)
+        b = batch.chosen.input_ids.shape[0]
+        logp, aux = self._logps(model, ids, targets, weights)
+        with torch.no_grad():
+            ref_logp, _ = self._logps(self.ref, ids, targets, weights)
+        chosen = self.beta * (logp[:b] - ref_logp[:b])
+        rejected = self.beta * (logp[b:] - ref_logp[b:])
+        loss = -F.logsigmoid(chosen - rejected)  # (B,)
+        with torch.no_grad():
+            metrics = {
+                "reward_chosen": chosen.mean(),
+                "reward_rejected": rejected.mean(),
+                "margin": (chosen - rejected).mean(),
+                "accuracy": (chosen > rejected).float().mean(),
+            }
+        return loss.sum(), aux, metrics
+
+
+class Distill:
+    """White-box distillation (Hinton et al., arXiv:1503.02531): alpha * CE + (1 - alpha) * tau^2 *
+    KL(teacher || student) at temperature tau, over the weighted (assistant) tokens."""
+
+    metrics = ("kl",)
+
+    def __init__(self, teacher, temperature: float, alpha: float):
+        self.teacher, self.tau, self.alpha = teacher, temperature, alpha
+
+    def weight(self, batch) -> torch.Tensor:
+        return batch.weights.sum()
+
+    def __call__(self, model, batch):
+        out = model(batch.input_ids, position_ids=batch.position_ids)
+        with torch.no_grad():
+            t_logits = self.teacher(batch.input_ids, position_ids=batch.position_ids).logits
+        s = out.logits.flatten(0, 1).float()  # (N, V)
+        t = t_logits.flatten(0, 1).float()
+        w = batch.weights.flatten()
+        nll = _unwrap(model).ops.cross_entropy(s, batch.targets.flatten(), None, reduction="none")
+        log_ps = F.log_softmax(s / self.tau, dim=-1)
+        log_pt = F.log_softmax(t / self.tau, dim=-1)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)  # (N,)
+        per_token = self.alpha * nll + (1 - self.alpha) * self.tau**2 * kl
+        with torch.no_grad():
+            kl_mean = (kl * w).sum() / w.sum().clamp_min(1e-12)
+        return (per_token * w).sum(), out.aux_loss, {"kl": kl_mean}

@@ -1,0 +1,300 @@
+"""What differs between training stages: the model (fresh, from --init, with adapters), the data, the
+objective and the trainable parameters. `build(trainer)` returns a `Setup` the one loop drives.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from minimind.checkpoint import (
+    WEIGHTS_FILE,
+    load_checkpoint,
+    load_state_into,
+    load_weights,
+    write_model_files,
+)
+from minimind.config import ModelConfig
+from minimind.model import MiniMindForCausalLM
+
+
+def _usage(msg):
+    from minimind.train import UsageError
+
+    return UsageError(msg)
+
+
+def to_device(x, device):
+    if x is None or isinstance(x, (list, str, int, float)):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if hasattr(x, "_fields"):  # NamedTuple batches
+        return type(x)(*(to_device(v, device) for v in x))
+    return x
+
+
+class Setup:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg
+        self.stage = trainer.stage
+        self.device = trainer.device
+        self.base_ckpt = None
+        self.lora_targets = None
+        self.tokenizer_dir = None
+        self.model = self._build_model()
+        self.tokenizer_dir = self._find_tokenizer()
+        self.data_dir = self._prepared(self.cfg["data"])
+        self._check_data(self.data_dir)
+        self.loader = self._make_loader(self.data_dir, self.cfg["seed"])
+        self.val_dir = self._prepared(self.cfg["val_data"]) if self.cfg["val_data"] else None
+        self.objective = self._objective()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._iter = iter(self.loader)
+
+    # ----------------------------------------------------------------- model
+    def _build_model(self):
+        cfg = self.cfg
+        kernels = cfg["kernels"]
+        if cfg["init"] is not None:
+            model, ckpt = load_checkpoint(cfg["init"], device=self.device, kernels=kernels)
+            self.base_ckpt = ckpt
+        elif self.trainer.cfg["resume"] and cfg["model"] is None:
+            run = json.loads((Path(cfg["out"]) / "run.json").read_text())
+            cfg["model"], cfg["overrides"] = run["model"], run["overrides"]
+            return self._build_model()
+        else:
+            config = ModelConfig.from_preset(cfg["model"], cfg["overrides"], kernels=kernels)
+            with torch.device(self.device):
+                model = MiniMindForCausalLM(config, device=self.device)
+        model.train()
+        if self.stage == "lora":
+            from minimind.lora import DEFAULT_TARGETS, apply_lora
+
+            targets = DEFAULT_TARGETS
+            if cfg["lora_targets"]:
+                targets = tuple(t.strip() for t in cfg["lora_targets"].split(","))
+            try:
+                apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=targets)
+            except ValueError as e:
+                raise _usage(str(e)) from None
+            self.lora_targets = targets
+        if cfg["grad_checkpointing"]:
+            model.model.grad_checkpointing = True
+        return model
+
+    def _frozen(self, path, what):
+        model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg["kernels"])
+        model.requires_grad_(False)
+        return model.eval()
+
+    def write_weights(self, tmp: Path):
+        if self.stage == "lora":
+            from minimind.lora import write_adapter
+
+            write_adapter(tmp, self.model, self.base_ckpt, self.lora_targets, self.cfg["lora_rank"],
+                          self.cfg["lora_alpha"], 0.0)
+        else:
+            write_model_files(tmp, self.model)
+
+    def load_weights(self, ckpt: Path):
+        if self.stage == "lora":
+            from safetensors.torch import load_file
+
+            from minimind.lora import ADAPTER_WEIGHTS
+
+            self.model.load_state_dict(load_file(ckpt / ADAPTER_WEIGHTS, device=str(self.device)), strict=False)
+            return
+        saved = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+        if saved.to_dict() != self.model.config.to_dict():
+            raise _usage(f"--resume: {ckpt} has a different architecture than this run's model")
+        load_state_into(self.model, load_weights(ckpt, self.device), ckpt / WEIGHTS_FILE)
+
+    # ----------------------------------------------------------------- tokenizer and data
+    def _find_tokenizer(self):
+        cfg = self.cfg
+        if cfg["tokenizer"]:
+            return Path(cfg["tokenizer"])
+        if self.base_ckpt is not None:
+            for d in (self.base_ckpt, _lora_base(self.base_ckpt)):
+                if d is not None and (d / "tokenizer.json").exists():
+                    return d
+        run_tok = Path(cfg["out"]) / "tokenizer"
+        if run_tok.exists():
+            return run_tok
+        data = Path(cfg["data"])
+        if data.is_dir():
+            meta = _meta(data)
+            tok = meta.get("tokenizer_dir") or meta.get("tokenizer")
+            if tok and Path(tok).exists():
+                return Path(tok)
+            return None
+        if self.stage == "pretrain" and cfg["init"] is None:
+            return self._train_tokenizer(data, run_tok)
+        raise _usage(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
+
+    def _train_tokenizer(self, data: Path, out: Path) -> Path:
+        from minimind.data.tokenizer import train_tokenizer
+
+        dist = self.trainer.dist
+        if dist.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            vocab = self.model.config.vocab_size
+            self.trainer.log_message(f"no tokenizer given: training one on {data} (vocab {vocab})")
+            train_tokenizer([data], vocab_size=self.model.config.vocab_size, out=out)
+        dist.barrier()
+        return out
+
+    def _fingerprint(self):
+        from minimind.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+        return tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir))
+
+    def _prepared(self, path) -> Path:
+        """A prepared dir as is; a raw .jsonl is prepared once into a cache beside the run dir."""
+        path = Path(path)
+        if path.is_dir():
+            return path
+        if self.tokenizer_dir is None:
+            raise _usage(f"--data {path}: cannot prepare raw jsonl without a tokenizer (pass --tokenizer DIR)")
+        from minimind.data.prepare import prepare
+        from minimind.train import STAGES
+
+        st = path.stat()
+        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg["seq_len"],
+                          STAGES[self.stage].data])
+        cache = Path(self.cfg["out"]).parent / ".minimind-cache" / (
+            f"{path.stem}-{STAGES[self.stage].data}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        )
+        dist = self.trainer.dist
+        if dist.is_main and not (cache / "meta.json").exists():
+            self.trainer.log_message(f"preparing {path} -> {cache}")
+            # pretrain rows are windows over the token stream, so only chat documents are cut to the row length
+            max_len = self.cfg["seq_len"] if self.stage != "pretrain" else max(512, self.cfg["seq_len"])
+            prepare(STAGES[self.stage].data, path, self.tokenizer_dir, cache, max_seq_len=max_len)
+        dist.barrier()
+        return cache
+
+    def _check_data(self, data_dir: Path):
+        from minimind.train import ACCEPTS
+
+        meta = _meta(data_dir)
+        if meta.get("stage") not in ACCEPTS[self.stage]:
+            raise _usage(
+                f"--data {data_dir} was prepared for stage {meta.get('stage')!r}; --stage {self.stage} needs "
+                f"data prepared as {' or '.join(sorted(ACCEPTS[self.stage]))}"
+            )
+        if self.tokenizer_dir is not None and meta.get("tokenizer_fingerprint"):
+            if meta["tokenizer_fingerprint"] != self._fingerprint():
+                raise _usage(f"--data {data_dir} was tokenized with a different tokenizer than {self.tokenizer_dir}")
+
+    def _make_loader(self, data_dir, seed):
+        from minimind.data.loader import make_loader
+
+        dist = self.trainer.dist
+        return make_loader(data_dir, stage=_meta(data_dir)["stage"] if self.stage != "grpo" else "grpo",
+                           batch_size=self.cfg["batch_size"], seq_len=self.cfg["seq_len"], seed=seed,
+                           rank=dist.rank, world_size=dist.world_size, packed=not self.cfg["no_packing"])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_step = self.cfg["batch_size"] * self.trainer.dist.world_size
+        return max(1, -(-self.loader.rows_per_epoch // per_step))
+
+    def loader_epoch(self) -> float:
+        return self.loader.epoch
+
+    def next_batch(self):
+        return next(self._iter)
+
+    def loader_state(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_loader_state(self, state: dict):
+        self.loader.load_state_dict(state)
+        self._iter = iter(self.loader)
+
+    def to_device(self, batch):
+        return to_device(batch, self.device)
+
+    @staticmethod
+    def tokens_in(batch) -> int:
+        if hasattr(batch, "chosen"):
+            return batch.chosen.input_ids.numel() + batch.rejected.input_ids.numel()
+        return batch.input_ids.numel()
+
+    @staticmethod
+    def useful_in(batch) -> int:
+        if hasattr(batch, "chosen"):
+            return int((batch.chosen.weights > 0).sum() + (batch.rejected.weights > 0).sum())
+        return int((batch.weights > 0).sum())
+
+    def after_step(self):
+        pass
+
+    # ----------------------------------------------------------------- objective and validation
+    def _objective(self):
+        from minimind import objectives
+
+        cfg = self.cfg
+        if self.stage in ("pretrain", "sft", "lora"):
+            return objectives.CausalLM()
+        if self.stage == "reason":
+            return objectives.Reason()
+        if self.stage == "dpo":
+            ref = self._frozen(cfg["ref"] or self.base_ckpt, "--ref")
+            if ref.config.to_dict() != self.model.config.to_dict():
+                raise _usage(f"--ref {cfg['ref']}: its architecture differs from the policy's (--init)")
+            return objectives.DPO(ref, beta=cfg["beta"])
+        if self.stage == "distill":
+            teacher = self._frozen(cfg["teacher"], "--teacher")
+            if teacher.config.vocab_size != self.model.config.vocab_size:
+                raise _usage(f"--teacher {cfg['teacher']}: vocab {teacher.config.vocab_size} != student's "
+                             f"{self.model.config.vocab_size}")
+            return objectives.Distill(teacher, temperature=cfg["temperature"], alpha=cfg["alpha"])
+        raise _usage(f"--stage {self.stage} is not implemented yet")
+
+    @torch.no_grad()
+    def validate(self, model, max_batches: int = 20) -> float:
+        from minimind.data.loader import make_loader
+
+        dist = self.trainer.dist
+        loader = make_loader(self.val_dir, stage=_meta(self.val_dir)["stage"], batch_size=self.cfg["batch_size"],
+                             seq_len=self.cfg["seq_len"], seed=0, rank=dist.rank, world_size=dist.world_size)
+        n = min(max_batches, max(1, len(loader)))
+        was_training = model.training
+        model.eval()
+        total = weight = 0.0
+        it = iter(loader)
+        for _ in range(n):
+            batch = self.to_device(next(it))
+            loss_sum, _, _ = self.objective(model, batch)
+            total += float(loss_sum)
+            weight += float(self.objective.weight(batch))
+        model.train(was_training)
+        return dist.all_reduce_sum(total) / max(dist.all_reduce_sum(weight), 1e-12)
+
+
+def _meta(data_dir: Path) -> dict:
+    from minimind.data.loader import open_prepared
+
+    return open_prepared(data_dir).meta
+
+
+def _lora_base(ckpt: Path):
+    from minimind.lora import ADAPTER_CONFIG
+
+    cfg = Path(ckpt) / ADAPTER_CONFIG
+    if cfg.exists():
+        return Path(json.loads(cfg.read_text())["base_checkpoint"])
+    return None
+
+
+def build(trainer) -> Setup:
+    if trainer.stage == "grpo":
+        from minimind.grpo import GRPOSetup
+
+        return GRPOSetup(trainer)
+    return Setup(trainer)

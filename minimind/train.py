@@ -1,0 +1,405 @@
+"""`train.py --stage STAGE`: one training loop for every objective (SPEC §5).
+
+A stage is (data kind, objective, trainable parameters). The loop owns precision, accumulation,
+clipping, schedule, logging, checkpoints and resume, each written once. Usage problems (bad flag
+combinations, wrong data for the stage, mismatched checkpoints) raise UsageError -> exit 2.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, resolve_checkpoint
+from minimind.trainlog import RunLog
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; reported as `train.py: error: ...`, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDefaults:
+    data: str  # which prepared-data stages this stage accepts (first = what a raw jsonl is prepared as)
+    lr: float
+    batch_size: int
+    seq_len: int
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    needs_init: bool = True
+
+
+STAGES = {
+    "pretrain": StageDefaults(data="pretrain", lr=5e-4, batch_size=16, seq_len=256, needs_init=False),
+    "sft": StageDefaults(data="sft", lr=2e-4, batch_size=16, seq_len=256),
+    "lora": StageDefaults(data="lora", lr=1e-3, batch_size=16, seq_len=256, weight_decay=0.0),
+    "dpo": StageDefaults(data="dpo", lr=1e-5, batch_size=8, seq_len=256, weight_decay=0.0, warmup_steps=0),
+    "distill": StageDefaults(data="distill", lr=2e-4, batch_size=16, seq_len=256),
+    "reason": StageDefaults(data="reason", lr=2e-4, batch_size=16, seq_len=256),
+    "grpo": StageDefaults(data="grpo", lr=5e-6, batch_size=4, seq_len=256, weight_decay=0.0, warmup_steps=0),
+}
+# prepared data a stage accepts: chat stages share the conversation format; reason needs tag weights
+ACCEPTS = {
+    "pretrain": {"pretrain"},
+    "sft": {"sft", "lora", "distill", "reason"},
+    "lora": {"sft", "lora", "distill", "reason"},
+    "distill": {"sft", "lora", "distill", "reason"},
+    "reason": {"reason"},
+    "dpo": {"dpo"},
+    "grpo": {"grpo"},
+}
+
+
+def run(args) -> int:
+    try:
+        trainer = Trainer(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError / PrepareError / config errors name their file or field
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return trainer.fit()
+
+
+def resolve_args(args) -> dict:
+    """Fill the per-stage defaults; check combinations. -> the resolved run config (run.json)."""
+    d = STAGES[args.stage]
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out (the run directory to continue)")
+    if args.out is None:
+        raise UsageError("--out DIR is required")
+    if d.needs_init and args.init is None and not args.resume:
+        raise UsageError(f"--stage {args.stage} needs --init CKPT (e.g. the pretrain or SFT run)")
+    if args.init is None and args.model is None and not args.resume:
+        args.model = "tiny"
+    if args.data is None:
+        raise UsageError("--data PATH is required (a prepared data dir or a raw .jsonl)")
+    if args.overrides and args.init is not None:
+        raise UsageError("--set changes the architecture of a fresh --model; it cannot be used with --init")
+    if args.stage == "distill" and args.teacher is None:
+        raise UsageError("--stage distill needs --teacher CKPT")
+    if args.eval_every and args.val_data is None:
+        raise UsageError("--eval-every needs --val-data PATH")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("command", "local_rank")}
+    defaults = dict(
+        lr=d.lr, batch_size=d.batch_size, seq_len=d.seq_len, weight_decay=d.weight_decay,
+        warmup_steps=d.warmup_steps, grad_accum=1, grad_clip=1.0, log_every=10, save_every=500, keep=3,
+        beta=0.04 if args.stage == "grpo" else 0.1, temperature=1.5, alpha=0.5, lora_rank=8, lora_alpha=16.0,
+        group_size=4, max_new_tokens=64,
+        kernels="auto", eval_every=None,
+    )
+    for key, value in defaults.items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    if cfg["min_lr"] is None:
+        cfg["min_lr"] = cfg["lr"] / 10
+    if cfg["max_steps"] is None and cfg["epochs"] is None:
+        cfg["epochs"] = 1.0
+    for key in ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed"):
+        if cfg.get(key) is not None:
+            cfg[key] = str(Path(cfg[key]).resolve())
+    return cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:  # bf16 where it is fast and safe; fp32 on CPU keeps runs bit-reproducible
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def param_groups(model, weight_decay: float):
+    """No decay on norms, biases and embeddings (and on the tied lm_head, which is the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name or "norm" in name or name == "lm_head.weight":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up to lr, then cosine down to min_lr at `total` optimizer steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, args):
+        from minimind import distributed
+
+        self.cfg = resolve_args(args)
+        self.stage = args.stage
+        self.dist = distributed.setup(self.cfg)
+        self.device = pick_device(self.cfg["device"]) if not self.dist.device else self.dist.device
+        self.dtype = pick_dtype(self.cfg["dtype"], self.device)
+        self.out = Path(self.cfg["out"])
+        self._check_out_dir()
+        self._seed(self.cfg["seed"])
+        self.log = RunLog(self.out, enabled=self.dist.is_main, wandb=self.cfg["wandb"], config=self.cfg)
+        from minimind import stages
+
+        self.setup = stages.build(self)  # model, tokenizer, loader, objective, trainable params
+        self.model = self.setup.model
+        self.engine = None  # deepspeed engine
+        self.raw_model = self.model
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.cfg["weight_decay"]), lr=self.cfg["lr"], betas=(0.9, 0.95),
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step = 0
+        self.tokens_seen = 0
+        self.total_steps = self._total_steps()
+        if self.cfg["resume"]:
+            self._resume()
+        elif self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
+        self.model = distributed.wrap(self)
+        if self.cfg["compile"]:
+            self.model = torch.compile(self.model)
+        self.stop_signal = None
+
+    def log_message(self, text: str):
+        self.log.message(text)
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _check_out_dir(self):
+        if self.cfg["resume"]:
+            if not self.out.is_dir() or not any(STEP_DIR.match(p.name) for p in self.out.iterdir()):
+                raise UsageError(f"--resume: {self.out} has no step-N checkpoint to resume from")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UsageError(f"--out {self.out} is not empty; pass --resume to continue that run or pick a new DIR")
+
+    def _seed(self, seed: int):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed + self.dist.rank)
+
+    def _total_steps(self) -> int:
+        if self.cfg["max_steps"]:
+            return self.cfg["max_steps"]
+        per_epoch = self.setup.batches_per_epoch  # this rank's batches
+        return max(1, math.ceil(self.cfg["epochs"] * per_epoch / self.cfg["grad_accum"]))
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> int:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        start, last_log_time = time.perf_counter(), time.perf_counter()
+        window_tokens = window_useful = 0
+        self.log.start(self.total_steps, self.step)
+        exit_code = 0
+        while not self._done(start):
+            lr = lr_at(self.step, lr=cfg["lr"], min_lr=cfg["min_lr"], warmup=cfg["warmup_steps"],
+                       total=self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            row = self._optimizer_step()
+            self.step += 1
+            window_tokens += row.pop("_tokens")
+            window_useful += row.pop("_useful")
+            self.log.advance()
+            if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                elapsed = now - last_log_time
+                row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
+                           useful_tokens_per_s=window_useful / elapsed)
+                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0:
+                    row["val_loss"] = self.setup.validate(self.model)
+                row["mfu"] = self._mfu(row["tokens_per_s"])
+                self.log.row(row, eta_s=(self.total_steps - self.step) * elapsed / cfg["log_every"])
+                window_tokens = window_useful = 0
+                last_log_time = time.perf_counter()
+            if self.stop_signal is not None:
+                exit_code = 128 + self.stop_signal
+                self.log.message(f"signal {self.stop_signal}: saving step {self.step} and exiting")
+                break
+            if self.step % cfg["save_every"] == 0:
+                self.save()
+        self.save()
+        self.log.close()
+        self.dist.cleanup()
+        self._restore_signal_handlers()
+        return exit_code
+
+    def _done(self, start) -> bool:
+        if self.cfg["max_steps"] and self.step >= self.cfg["max_steps"]:
+            return True
+        if self.cfg["max_steps"] is None and self.setup.loader_epoch() >= self.cfg["epochs"]:
+            return True
+        if self.cfg["max_time"] and time.perf_counter() - start >= self.cfg["max_time"]:
+            self.log.message(f"--max-time {self.cfg['max_time']}s reached at step {self.step}")
+            return True
+        return False
+
+    def _optimizer_step(self) -> dict:
+        cfg, setup = self.cfg, self.setup
+        micro = [setup.next_batch() for _ in range(cfg["grad_accum"])]
+        objective = setup.objective
+        local_weight = sum(float(objective.weight(b)) for b in micro)
+        total_weight = self.dist.all_reduce_sum(local_weight)
+        # each rank's gradient is averaged by DDP (divided by world size), so scale it back up
+        scale = self.dist.world_size / max(total_weight, 1e-12)
+        loss_total = torch.zeros((), dtype=torch.float64)
+        aux_total = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        tokens = useful = 0
+        for i, batch in enumerate(micro):
+            batch = setup.to_device(batch)
+            with self.dist.no_sync(self.model, last=i == len(micro) - 1):
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    loss_sum, aux, metrics = objective(self.model, batch)
+                loss = loss_sum.float() * scale + aux.float() / len(micro)
+                self.scaler.scale(loss).backward()
+            loss_total += loss_sum.detach().double()
+            aux_total += aux.detach().double() / len(micro)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / len(micro)
+            tokens += setup.tokens_in(batch)
+            useful += setup.useful_in(batch)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg["grad_clip"] or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        setup.after_step()
+        loss_value = self.dist.all_reduce_sum(float(loss_total)) / max(total_weight, 1e-12)
+        tokens, useful = self.dist.all_reduce_sum(tokens), self.dist.all_reduce_sum(useful)
+        self.tokens_seen += tokens
+        row = {"loss": loss_value, "grad_norm": float(grad_norm), "_tokens": tokens, "_useful": useful}
+        if self.raw_model.config.use_moe:
+            row["aux_loss"] = self.dist.all_reduce_sum(float(aux_total)) / self.dist.world_size
+        for k, v in metric_sums.items():
+            row[k] = self.dist.all_reduce_sum(v) / self.dist.world_size
+        return row
+
+    def _mfu(self, tokens_per_s: float):
+        peak = _device_peak_flops(self.device, self.dtype)
+        if peak is None:
+            return None
+        c = self.raw_model.config
+        n = self.raw_model.num_params(active=True)
+        flops_per_token = 6 * n + 12 * c.num_hidden_layers * c.hidden_size * self.cfg["seq_len"]
+        return tokens_per_s * flops_per_token / (peak * self.dist.world_size)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        self._old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self):
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+
+    def save(self):
+        """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
+        if self.dist.is_main:
+            target = self.out / f"step-{self.step}"
+            if not target.exists():
+                atomic_dir(target, self._fill_checkpoint)
+                self._prune()
+                self.log.save(self.step, target)
+        self.dist.barrier()
+
+    def _fill_checkpoint(self, tmp: Path):
+        from minimind.checkpoint import copy_tokenizer, save_checkpoint  # noqa: F401  (shared writer below)
+
+        self.setup.write_weights(tmp)
+        if self.setup.tokenizer_dir is not None:
+            copy_tokenizer(self.setup.tokenizer_dir, tmp)
+        state_dir = tmp / "trainer_state"
+        state_dir.mkdir()
+        torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
+        torch.save({"scaler": self.scaler.state_dict(), "rng": _rng_state()}, state_dir / "rng.pt")
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+            "world_size": self.dist.world_size, "data": self.setup.loader_state(), "stage": self.stage,
+        }
+        (state_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def _prune(self):
+        steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
+        for _, path in steps[: -self.cfg["keep"]]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _resume(self):
+        ckpt = resolve_checkpoint(self.out)
+        state_dir = ckpt / "trainer_state"
+        try:
+            state = json.loads((state_dir / "state.json").read_text())
+            opt = torch.load(state_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+            extra = torch.load(state_dir / "rng.pt", weights_only=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{state_dir}: cannot resume from it ({e})") from None
+        if state.get("stage") != self.stage:
+            raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
+        self.setup.load_weights(ckpt)
+        self.optimizer.load_state_dict(opt)
+        self.scaler.load_state_dict(extra["scaler"])
+        if state["world_size"] == self.dist.world_size:
+            _set_rng_state(extra["rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.setup.load_loader_state(state["data"])
+        self.log.truncate_after(self.step)
+        self.log.message(f"resumed from {ckpt} at step {self.step}")
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# dense bf16 peak FLOP/s by device name fragment (vendor datasheets)
+_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
+
+
+def _device_peak_flops(device: torch.device, dtype: torch.dtype):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAKS.items():
+        if key in name:
+            return peak if dtype != torch.float32 else peak / 2
+    return None

@@ -1,0 +1,213 @@
+"""The training loop from the CLI, on the tiny preset and the synthetic corpus: every stage's own
+signal moves the right way, exact resume after SIGKILL, and clear usage errors (exit 2)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+FAST = ["--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--log-every", "1", "--device", "cpu"]
+
+
+def train_cli(*args, check=True, timeout=600):
+    """train.py in a subprocess: what a user runs (exit codes, signals)."""
+    out = subprocess.run([*TRAIN, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} -> {out.returncode}\n{out.stderr[-3000:]}")
+    return out
+
+
+def train(*args):
+    """The same entry point in this process (saves ~5 s of imports per run)."""
+    from minimind.cli import train_main
+
+    rc = train_main([str(a) for a in args])
+    assert rc == 0, f"train.py {' '.join(map(str, args))} -> {rc}"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def first_last(rows, key, k=3):
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals[:k]) / k, sum(vals[-k:]) / k
+
+
+@pytest.fixture(scope="module")
+def data(synth_dir, tokenizer_dir, tmp_path_factory):
+    from minimind.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    dirs = {}
+    for stage, name in (("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"),
+                        ("lora", "lora_identity"), ("grpo", "rlaif")):
+        max_len = 512 if stage == "pretrain" else 64
+        dirs[stage] = prepare(stage, synth_dir / f"{name}.jsonl", tokenizer_dir, out / stage, max_seq_len=max_len)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "pre"
+    train("--stage", "pretrain", *FAST, "--data", data["pretrain"], "--out", run, "--max-steps", 40, "--lr", "3e-3",
+          "--warmup-steps", 5)
+    return run
+
+
+def test_pretrain_loss_falls_and_writes_the_run(pretrained):
+    rows = metrics(pretrained)
+    first, last = first_last(rows, "loss")
+    assert last < first - 1.0, (first, last)
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "useful_tokens_per_s"):
+        assert key in rows[-1]
+    assert (pretrained / "step-40" / "model.safetensors").exists()
+    assert (pretrained / "step-40" / "tokenizer.json").exists()
+    assert (pretrained / "step-40" / "trainer_state" / "optimizer.pt").exists()
+    assert (pretrained / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    run_cfg = json.loads((pretrained / "run.json").read_text())
+    assert run_cfg["stage"] == "pretrain" and run_cfg["lr"] == 3e-3
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrained, data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "sft"
+    train("--stage", "sft", "--init", pretrained, "--data", data["sft"], "--out", run,
+          *FAST[2:], "--max-steps", 30, "--lr", "2e-3", "--warmup-steps", 3)
+    return run
+
+
+def test_sft_loss_falls(sft_run):
+    first, last = first_last(metrics(sft_run), "loss")
+    assert last < first - 0.5, (first, last)
+    rows = metrics(sft_run)
+    assert all(r["useful_tokens_per_s"] < r["tokens_per_s"] for r in rows)
+
+
+def test_lora_changes_only_adapters(pretrained, data, tmp_path):
+    from safetensors.torch import load_file
+
+    train("--stage", "lora", "--init", pretrained, "--data", data["lora"], "--out", tmp_path / "lora",
+          *FAST[2:], "--max-steps", 15, "--lora-rank", 4)
+    ckpt = tmp_path / "lora" / "step-15"
+    assert not (ckpt / "model.safetensors").exists()
+    adapter = load_file(ckpt / "adapter.safetensors")
+    assert adapter and all(".lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert Path(cfg["base_checkpoint"]) == (pretrained / "step-40").resolve()
+    first, last = first_last(metrics(tmp_path / "lora"), "loss")
+    assert last < first
+
+
+def test_dpo_margin_and_accuracy_rise(pretrained, data, tmp_path):
+    train("--stage", "dpo", "--init", pretrained, "--data", data["dpo"], "--out", tmp_path / "dpo",
+          *FAST[2:], "--max-steps", 25, "--lr", "1e-3")
+    rows = metrics(tmp_path / "dpo")
+    m0, m1 = first_last(rows, "margin")
+    a0, a1 = first_last(rows, "accuracy")
+    assert m1 > m0 and m1 > 0, (m0, m1)
+    assert a1 > a0, (a0, a1)
+    assert {"reward_chosen", "reward_rejected"} <= rows[-1].keys()
+
+
+def test_distill_kl_falls(pretrained, sft_run, data, tmp_path):
+    # teacher: the pretrained model after SFT; student: the pretrained model
+    train("--stage", "distill", "--init", pretrained, "--teacher", sft_run, "--data", data["sft"],
+          "--out", tmp_path / "distill", *FAST[2:], "--max-steps", 20, "--lr", "2e-3")
+    k0, k1 = first_last(metrics(tmp_path / "distill"), "kl")
+    assert k1 < k0, (k0, k1)
+
+
+def test_reason_tag_loss_falls(pretrained, data, tmp_path):
+    train("--stage", "reason", "--init", pretrained, "--data", data["reason"], "--out", tmp_path / "reason",
+          *FAST[2:], "--max-steps", 25, "--lr", "2e-3")
+    t0, t1 = first_last(metrics(tmp_path / "reason"), "tag_loss")
+    assert t1 < t0 * 0.8, (t0, t1)
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in metrics(run)}
+
+
+def test_sigkill_then_resume_continues_the_same_curve(data, tmp_path):
+    args = ["--stage", "pretrain", *FAST, "--data", data["pretrain"], "--max-steps", 24, "--save-every", 6,
+            "--lr", "3e-3", "--keep", "10"]
+    train(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*TRAIN, *map(str, args), "--out", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "step-12").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "step-12").exists() and not (killed / "step-24").exists()
+    train_cli(*args, "--out", killed, "--resume")
+    whole, resumed = _losses(tmp_path / "whole"), _losses(killed)
+    assert sorted(resumed) == sorted(whole) == list(range(1, 25))
+    for step in range(1, 25):
+        assert abs(resumed[step] - whole[step]) <= 1e-6, (step, resumed[step], whole[step])
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "whole" / "step-24" / "model.safetensors")
+    wb = load_file(killed / "step-24" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_usage_errors_exit_2(data, pretrained, tmp_path):
+    cases = [
+        (["--stage", "sft", "--data", data["sft"], "--out", tmp_path / "a"], "--init"),
+        (["--stage", "pretrain", "--out", tmp_path / "b"], "--data"),
+        (["--stage", "sft", "--init", pretrained, "--data", data["pretrain"], "--out", tmp_path / "c"],
+         "prepared for stage"),
+        (["--stage", "pretrain", "--data", data["pretrain"], "--out", pretrained], "not empty"),
+        (["--stage", "pretrain", "--data", data["pretrain"], "--out", tmp_path / "d", "--resume"], "no step-N"),
+        (["--stage", "pretrain", "--data", data["pretrain"], "--out", tmp_path / "e", "--lr", "fast"], "--lr"),
+        (["--stage", "pretrain", "--data", data["pretrain"], "--out", tmp_path / "f", "--set", "wings=2"], "wings"),
+        (["--stage", "distill", "--init", pretrained, "--data", data["sft"], "--out", tmp_path / "g"], "--teacher"),
+    ]
+    for args, needle in cases:
+        rc, err = train_inproc(*args)
+        assert rc == 2, (args, err[-2000:])
+        assert needle in err, (needle, err[-2000:])
+
+
+def test_resume_with_a_different_architecture_is_refused(data, pretrained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    rc, err = train_inproc("--stage", "pretrain", "--data", data["pretrain"], "--out", run, "--resume", "--model",
+                           "tiny", "--set", "num_hidden_layers=3", "--max-steps", 50)
+    assert rc == 2 and "architecture" in err, err[-2000:]
+
+
+def test_cli_exit_code_for_a_bad_flag(tmp_path):
+    out = train_cli("--stage", "pretrain", "--batch-size", "-3", "--out", tmp_path / "x", check=False)
+    assert out.returncode == 2 and "--batch-size" in out.stderr
+
+
+def train_inproc(*args):
+    """-> (exit code, stderr) of train.py's entry point, run in this process."""
+    import contextlib
+    import io
+
+    from minimind.cli import train_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = train_main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, err.getvalue()
