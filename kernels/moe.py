@@ -390,4 +390,8 @@ def moe_dispatch_combine(hidden, topk_weight, topk_idx, w_gate, w_up, w_down, *,
     if not hidden.is_cuda and topk_idx.numel() and not 0 <= int(topk_idx.min()) <= int(topk_idx.max()) < n_experts:
         # checked on the CPU only: on CUDA the check would be a host sync
         raise ValueError(f"moe_dispatch_combine: topk_idx values must be in 0..{n_experts - 1}")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # as F.linear in the reference would: the expert matmuls run in the autocast dtype
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, w_gate, w_up, w_down = (t.to(dtype) for t in (hidden, w_gate, w_up, w_down))
     return MoEDispatchCombineFunction.apply(hidden, topk_weight, topk_idx, w_gate, w_up, w_down, _blocks(block_sizes))
