@@ -8,7 +8,7 @@ least, counted once) or TFLOP/s for the matmul-bound ops, and the peak CUDA memo
 
 On a CPU only `ref` and `compile` run (Triton and Liger need CUDA here: they skip); smoke mode
 (MINIMIND_BENCH_SMOKE=1) uses tiny sizes and skips `compile`, whose compile time alone outlasts a
-smoke run. On a GPU: TRITON_INTERPRET=0 (bench/gpu.sh).
+smoke run. On a GPU: TRITON_INTERPRET=0 (bench/gpu.sh); MINIMIND_BENCH_PRESETS=small,base picks presets.
 
     pytest bench/bench_kernels.py -k fwd_bwd --benchmark-columns=mean,stddev,rounds
 """
@@ -32,6 +32,8 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 # rows N = B*T: 16 x 512 on a GPU, 4 x 256 on the CPU (as bench_model.py), 2 x 32 in smoke mode
 B, T = (2, 32) if SMOKE else ((16, 512) if CUDA else (4, 256))
 PRESETS = ("tiny",) if SMOKE else (("small", "moe", "base") if CUDA else ("small",))
+if os.environ.get("MINIMIND_BENCH_PRESETS") and not SMOKE:  # e.g. "small,base" (bench/gpu.sh)
+    PRESETS = tuple(os.environ["MINIMIND_BENCH_PRESETS"].split(","))
 PROVIDERS = ("ref", "compile", "triton", "liger")
 MODES = ("fwd", "bwd", "fwd_bwd")
 EPS = 1e-5

@@ -274,7 +274,9 @@ def _route(topk_idx: torch.Tensor, n_experts: int, block_m: int) -> _Routing:
     ends = torch.cumsum(counts, 0)
     tile_end = torch.cumsum((counts + block_m - 1) // block_m, 0)
     n_tiles = max(1, min(m, cdiv(m, block_m) + n_experts - 1))
-    return _Routing(order, order // topk_idx.shape[1], ends - counts, counts, tile_end, n_tiles)
+    # int32 metadata: the kernels' loop bounds and tile ids are int32 (N*K < 2**31)
+    i32 = lambda t: t.to(torch.int32)
+    return _Routing(order, order // topk_idx.shape[1], i32(ends - counts), i32(counts), i32(tile_end), n_tiles)
 
 
 def _blocks(block_sizes):
