@@ -222,7 +222,8 @@ def _gate_rows(n_experts: int) -> tuple[int, int]:
 class MoEGateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, gate_weight, top_k, norm_topk_prob):
-        logits = F.linear(hidden.float(), gate_weight.float()).contiguous()  # (N, E) fp32, cuBLAS
+        with torch.autocast(hidden.device.type, enabled=False):  # the router stays fp32 under autocast
+            logits = F.linear(hidden.float(), gate_weight.float()).contiguous()  # (N, E), cuBLAS
         n, n_experts = logits.shape
         probs = torch.empty_like(logits)
         topk_weight = torch.empty((n, top_k), device=logits.device, dtype=torch.float32)
