@@ -147,7 +147,8 @@ class Loader:
         self.data, self.stage, self.seed = data, stage, seed
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.packed = packed and stage in CHAT_STAGES
-        self.capped = np.minimum(data.lengths, seq_len).tolist()  # a document longer than T keeps its first T
+        # a chat longer than T keeps its first T tokens; pretrain needs no per-document list
+        self.capped = np.minimum(data.lengths, seq_len).tolist() if stage in CHAT_STAGES + ("dpo",) else None
         self._epoch, self._row, self._consumed = 0, 0, 0
         self._plans: dict[int, object] = {}
         if self._num_rows(0) == 0:
