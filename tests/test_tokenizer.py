@@ -94,11 +94,14 @@ def test_renderer_equals_apply_chat_template(any_tokenizer, shared_dir, synth_di
                 chat, tokenize=False, add_generation_prompt=gen)
 
 
-def test_native_chatml_equals_jinja(synth_dir, shared_dir, tokenizer_dir):
-    jinja = ChatRenderer(tokenizer_dir).template
+def test_native_renderers_equal_jinja(any_tokenizer, synth_dir, shared_dir):
+    render = ChatRenderer(any_tokenizer)
+    assert render.native is not None  # both known templates take the plain-Python path in prepare
     for chat in _sample_chats(shared_dir, synth_dir):
-        assert render_chatml(chat) == jinja.render(messages=chat, add_generation_prompt=False)
-        assert render_chatml(chat, True) == jinja.render(messages=chat, add_generation_prompt=True)
+        for gen in (False, True):
+            assert render.native(chat, gen) == render.template.render(
+                messages=chat, add_generation_prompt=gen, **render.tokens)
+    assert render_chatml([{"role": "user", "content": "x"}]) == "<|im_start|>user\nx<|im_end|>\n"
 
 
 def test_template_renders_reasoning_content_and_no_default_system(tokenizer_dir, shared_dir):

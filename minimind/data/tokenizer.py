@@ -164,12 +164,14 @@ class ChatRenderer:
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(template)
-        self.native = template == CHAT_TEMPLATE
+        digest = hashlib.sha256(template.encode("utf-8")).hexdigest()
+        self.native = render_chatml if template == CHAT_TEMPLATE else NATIVE_TEMPLATES.get(digest)
         self.tokens = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if self.native:  # our own template, rendered in plain Python: 10x cheaper than jinja per chat
-            return render_chatml(messages, add_generation_prompt)
+        # known templates rendered in plain Python (tests check they equal jinja): 10x cheaper per chat
+        if self.native is not None and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            return self.native(messages, add_generation_prompt)
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
 
 
@@ -184,6 +186,26 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> 
     if add_generation_prompt:
         parts.append(IM_START + "assistant\n")
     return "".join(parts)
+
+
+def render_minimind(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """MiniMind2's published template without tools: a default system prompt, ChatML turns, no reasoning."""
+    first = messages[0]
+    parts = [IM_START + "system\n" + (first["content"] if first["role"] == "system" else "You are a helpful assistant")
+             + IM_END + "\n"]
+    for i, m in enumerate(messages):
+        content = m["content"] if isinstance(m.get("content"), str) else ""
+        if m["role"] == "user" or (m["role"] == "system" and i > 0):
+            parts.append(IM_START + m["role"] + "\n" + content + IM_END + "\n")
+        elif m["role"] == "assistant":
+            parts.append(IM_START + "assistant\n" + content + IM_END + "\n")
+    if add_generation_prompt:
+        parts.append(IM_START + "assistant\n")
+    return "".join(parts)
+
+
+# sha256 of a template's text -> its plain-Python renderer
+NATIVE_TEMPLATES = {"4f57494cd38c0e4e50e27f4632fb6907414a68cc48d0bbc48da5449c596c69fa": render_minimind}
 
 
 def _token_str(value):
