@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=positive_int, default=512)
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
+    p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
 
     p = sub.add_parser("train", help="train a model (same as train.py)")
     add_train_arguments(p)

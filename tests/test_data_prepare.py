@@ -220,3 +220,15 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     assert main(args + ["--skip-bad"]) == 0
     assert "skipped bad: 1" in capsys.readouterr().err
     assert json.loads((tmp_path / "p" / "meta.json").read_text())["num_docs"] == 2
+
+
+def test_cli_tag_weight(tmp_path, tokenizer_dir, shared_dir):
+    out = tmp_path / "r"
+    assert main(["prepare", "--stage", "reason", "--input", str(shared_dir / "samples" / "reason.jsonl"),
+                 "--tokenizer", str(tokenizer_dir), "--out", str(out), "--tag-weight", "3"]) == 0
+    data = open_prepared(out)
+    assert data.meta["weight_values"] == [0.0, 1.0, 3.0] and (np.asarray(data.codes) == 2).any()
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--stage", "reason", "--input", str(tmp_path / "missing.jsonl"),
+              "--tokenizer", str(tokenizer_dir), "--out", str(out)])
+    assert exit_.value.code == 2

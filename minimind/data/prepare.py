@@ -455,7 +455,7 @@ def run(args) -> int:
     """`minimind prepare --stage STAGE --input FILE --tokenizer DIR --out DIR [...]`."""
     try:
         out = prepare(args.stage, args.input, args.tokenizer, args.out, max_seq_len=args.max_seq_len,
-                      workers=args.workers, skip_bad=args.skip_bad)
+                      workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0))
     except PrepareError as e:
         print(f"minimind prepare: {e}", file=sys.stderr)
         return 2
