@@ -212,6 +212,10 @@ class Loader:
     def rows_per_epoch(self) -> int:
         return self._num_rows(self._epoch)
 
+    def __len__(self) -> int:
+        """Steps in the current epoch (the last one may borrow rows from the next epoch)."""
+        return -(-self.rows_per_epoch // (self.batch_size * self.world_size))
+
     # --- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "stage": self.stage, "seed": self.seed, "seq_len": self.seq_len,
