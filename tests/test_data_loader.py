@@ -147,7 +147,7 @@ def test_deterministic_and_epochs_reshuffled(small_sft_dir):
     xs, ys, zs = ([next(x) for _ in range(60)] for x in (a, b, c))
     assert all(_same(x, y) for x, y in zip(xs, ys))
     assert not all(_same(x, z) for x, z in zip(xs, zs))
-    assert a.epoch == 2.0 and len(a) == 15
+    assert a.epoch == 2.0 and len(a) == 30
     first, second = (torch.cat([x.input_ids for x in xs[k:k + 30]]) for k in (0, 30))
     assert not torch.equal(first, second)  # epoch 1 has another order ...
     assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, second.tolist()))  # ... of the same rows
