@@ -105,7 +105,9 @@ class Engine:
         self.vocab_size = min(config.vocab_size, len(tokenizer))
         self.end_ids = frozenset(self._end_token_ids(tokenizer))
         self.compile = compile
-        self._decode_fn = torch.compile(self._forward_last, dynamic=False) if compile else self._forward_last
+        # on CUDA, "reduce-overhead" adds CUDA graphs: a decode step is many tiny kernels
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+        self._decode_fn = torch.compile(self._forward_last, dynamic=False, mode=mode) if compile else self._forward_last
         self._ids = itertools.count()
         self._inbox: collections.deque = collections.deque()  # thread-safe appends/pops
         self.waiting: collections.deque[Request] = collections.deque()

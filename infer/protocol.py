@@ -30,6 +30,7 @@ class _Request(BaseModel):
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: "StreamOptions | None" = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
     def sampling(self, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                  index: int = 0) -> SamplingParams:
@@ -46,6 +47,7 @@ class _Request(BaseModel):
             stop=[s for s in stop if s],
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

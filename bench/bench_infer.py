@@ -1,0 +1,203 @@
+"""Inference throughput: batch-1 decode (engine eager, engine compiled, stock transformers
+`generate()` of the same weights) and aggregate output tokens/s with time to first token at 1/8/16/32
+concurrent streams through `minimind serve` with the openai client, against the same server taking
+the 16 requests one at a time. `small` preset, random weights (throughput does not care), greedy,
+fixed lengths (`ignore_eos`). `MINIMIND_BENCH_SMOKE=1`: `tiny`, a few tokens, no compile.
+
+    .venv/bin/python -m pytest bench/bench_infer.py -s --benchmark-columns=mean,stddev,rounds
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from infer.engine import Engine
+from infer.sampling import SamplingParams
+from minimind.checkpoint import save_checkpoint
+from minimind.config import ModelConfig
+from minimind.model import MiniMindForCausalLM
+from tests.conftest import ROOT
+
+SMOKE = os.environ.get("MINIMIND_BENCH_SMOKE") == "1"
+PRESET = "tiny" if SMOKE else "small"
+PROMPT = list(range(10, 26))  # 16 tokens
+NEW = 8 if SMOKE else 64
+STREAMS = (1, 4) if SMOKE else (1, 8, 16, 32)
+SEQUENTIAL = 4 if SMOKE else 16
+ROUNDS = 1 if SMOKE else 3
+RESULTS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from minimind.data.synth import write_corpus
+    from minimind.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bench_infer")
+    write_corpus(root / "synth", seed=0, scale=0.2)
+    tok_dir = train_tokenizer([root / "synth" / "pretrain.jsonl"], vocab_size=6400, out=root / "tok")
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset(PRESET, kernels="torch")).eval()
+    ckpt = save_checkpoint(root / PRESET, model, tokenizer_dir=tok_dir)
+    return model, AutoTokenizer.from_pretrained(tok_dir), ckpt
+
+
+def hf_copy(model) -> LlamaForCausalLM:
+    """Stock transformers Llama of the same shape holding our weights (names already match)."""
+    c = model.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+    )).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("provider", ["engine_eager", "engine_compiled", "transformers"])
+def test_decode_batch1(benchmark, setup, provider):
+    model, tok, _ = setup
+    if provider == "engine_compiled" and SMOKE:
+        pytest.skip("compiling takes minutes; not in smoke mode")
+    if provider == "transformers":
+        hf, ids = hf_copy(model), torch.tensor([PROMPT])
+
+        def run():
+            with torch.no_grad():
+                out = hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            return out[0, len(PROMPT):].tolist()
+    else:
+        engine = Engine(model, tok, max_batch=1, max_len=256, compile=provider == "engine_compiled")
+        sp = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
+
+        def run():
+            return engine.generate([PROMPT], sp)[0].token_ids
+    first = run()  # warm-up: compilation is not measured
+    assert len(first) == NEW
+    times = []
+
+    def timed():
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
+    RESULTS[f"decode_{provider}"] = NEW * len(times) / sum(times)
+    benchmark.extra_info["tokens_per_s"] = RESULTS[f"decode_{provider}"]
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    """`minimind serve` in its own process (the client's parsing must not share the server's GIL)."""
+    _, _, ckpt = setup
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minimind.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
+         "--max-batch", "32", "--max-len", "256", "--model-name", "bench"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+async def _stream(client, i: int):
+    """-> (output tokens, seconds to the first token) for one streaming completion."""
+    start, ttft, usage = time.perf_counter(), None, None
+    stream = await client.completions.create(
+        model="bench", prompt=[10 + i] + PROMPT[1:], max_tokens=NEW, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - start
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+    return usage, ttft
+
+
+def _client(url):
+    return openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
+                              http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=600))
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+def test_server_concurrent_streams(benchmark, server, streams):
+    stats = {}
+
+    def run():
+        async def main():
+            client = _client(server)
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*(_stream(client, i) for i in range(streams)))
+            return outs, time.perf_counter() - t0
+
+        outs, wall = asyncio.run(main())
+        assert all(n == NEW for n, _ in outs)
+        stats.setdefault("tps", []).append(sum(n for n, _ in outs) / wall)
+        stats.setdefault("ttft", []).append(sum(t for _, t in outs) / len(outs))
+
+    run()  # warm-up
+    stats.clear()
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    RESULTS[f"streams_{streams}"] = sum(stats["tps"]) / len(stats["tps"])
+    RESULTS[f"ttft_{streams}"] = sum(stats["ttft"]) / len(stats["ttft"])
+    benchmark.extra_info.update(tokens_per_s=RESULTS[f"streams_{streams}"], ttft_s=RESULTS[f"ttft_{streams}"])
+
+
+def test_server_one_at_a_time(benchmark, server):
+    """The baseline for batching: the same requests as the 16-stream run, each after the last."""
+    tps = []
+
+    def run():
+        async def main():
+            client = _client(server)
+            t0, total = time.perf_counter(), 0
+            for i in range(SEQUENTIAL):
+                total += (await _stream(client, i))[0]
+            return total / (time.perf_counter() - t0)
+
+        tps.append(asyncio.run(main()))
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    RESULTS["one_at_a_time"] = sum(tps) / len(tps)
+    benchmark.extra_info["tokens_per_s"] = RESULTS["one_at_a_time"]
+
+
+def test_zz_summary(capsys):
+    """Ratios of the figures above, measured in this run."""
+    lines = [f"{k}: {v:.3f}" for k, v in RESULTS.items()]
+    base = RESULTS.get("decode_transformers")
+    for p in ("engine_eager", "engine_compiled"):
+        if base and f"decode_{p}" in RESULTS:
+            lines.append(f"batch-1 decode {p} / transformers generate(): {RESULTS[f'decode_{p}'] / base:.2f}x")
+    seq = RESULTS.get("one_at_a_time")
+    for n in STREAMS:
+        if seq and f"streams_{n}" in RESULTS:
+            lines.append(f"{n} streams / one at a time: {RESULTS[f'streams_{n}'] / seq:.2f}x")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert RESULTS, "run the whole file: the summary needs the benchmarks above"
