@@ -42,13 +42,13 @@ for b in runs:
     e = b["extra_info"]
     if "op" in e:
         rows[(e["op"], e["preset"])][e["provider"]] = (b["stats"]["mean"] * 1e3, e.get("gb_per_s"), e.get("tflops"), e.get("peak_mib"))
-print("| op (fwd_bwd) | preset | provider | ms | GB/s (% copy) or TFLOP/s | peak MiB | vs compile | vs liger |")
-print("|---|---|---|---|---|---|---|---|")
+print("| op (fwd_bwd) | preset | provider | ms | GB/s (% copy) or TFLOP/s | peak MiB | vs ref | vs compile | vs liger |")
+print("|---|---|---|---|---|---|---|---|---|")
 for (op, preset), by in sorted(rows.items()):
     for prov, (ms, gbs, tfl, peak) in sorted(by.items()):
         rate = f"{gbs} ({100 * gbs / copy:.0f}%)" if gbs and copy else f"{tfl} TFLOP/s"
         rel = lambda other: f"{by[other][0] / ms:.2f}x" if other in by else "-"
-        print(f"| {op} | {preset} | {prov} | {ms:.3f} | {rate} | {peak} | {rel('compile')} | {rel('liger')} |")
+        print(f"| {op} | {preset} | {prov} | {ms:.3f} | {rate} | {peak} | {rel('ref')} | {rel('compile')} | {rel('liger')} |")
 steps = [b for b in runs if b["name"].startswith("test_train_step")]
 if steps:
     print("\n| training step (bf16 autocast) | kernels | ms | tokens/s |")
