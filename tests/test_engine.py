@@ -242,3 +242,30 @@ def test_chat_encoding_uses_the_template(model, tokenizer):
     assert engine.encode_chat(msgs) == tokenizer.encode(tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=True))
     assert engine.max_len == 2048 and not math.isnan(engine.vocab_size)
+
+
+def test_lora_adapter_from_its_directory_and_on_a_live_unmerged_policy(tokenizer_dir, tmp_path):
+    from minimind.checkpoint import save_checkpoint
+    from minimind.lora import apply_lora, write_adapter
+
+    base = save_checkpoint(tmp_path / "base", make_model(), tokenizer_dir=tokenizer_dir)
+    policy = make_model()
+    apply_lora(policy, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    write_adapter(adapter, policy, base_ckpt=base, targets=["q_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj", "k_proj"], rank=4, alpha=8.0,
+                  dropout=0.0)
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    live = Engine(policy.eval(), tok, max_batch=2, max_len=32).generate([[5, 6, 7]], sp)[0].token_ids
+    assert live == greedy_reference(policy, [5, 6, 7], 6, len(tok))  # unmerged adapters, as GRPO holds them
+    for engine in (Engine.from_checkpoint(base, lora=adapter, max_len=32),  # --lora DIR
+                   Engine.from_checkpoint(adapter, max_len=32)):  # a LoRA checkpoint names its base
+        assert engine.generate([[5, 6, 7]], sp)[0].token_ids == live
+    plain = Engine.from_checkpoint(base, max_len=32).generate([[5, 6, 7]], sp)[0].token_ids
+    assert plain != live
