@@ -66,8 +66,9 @@ class BatchParams:
     presence: torch.Tensor
     frequency: torch.Tensor
     seed: torch.Tensor  # int64
-    any_top: bool  # host-side flags: skip the sort / penalties when no row asks for them
+    any_top: bool  # host-side flags: skip the sort / penalties / noise when no row asks for them
     any_penalty: bool
+    any_sampled: bool
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device) -> "BatchParams":
@@ -86,6 +87,7 @@ class BatchParams:
             any_penalty=any(
                 p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
             ),
+            any_sampled=any(p.temperature > 0 for p in params),
         )
 
 
@@ -145,6 +147,8 @@ def sample(logits, bp: BatchParams, steps, counts=None, seen=None):
     if bp.any_penalty:
         logits = apply_penalties(logits, bp, counts, seen)
     greedy = logits.argmax(dim=-1)
+    if not bp.any_sampled:
+        return greedy
     temp = bp.temperature.unsqueeze(1)
     scaled = logits / torch.where(temp > 0, temp, 1.0)
     if bp.any_top:
