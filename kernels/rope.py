@@ -5,7 +5,7 @@ torch reference, the Triton kernel, the autograd Function and the public op.
 restarting at 0) and decode offsets need nothing special. One launch rotates q and k together
 (GQA: Hq != Hk); a program takes `rows_per_program` tokens and every head of each. The backward is
 the same kernel rotating by -θ (the rotation is orthogonal), so nothing but the tables and the
-positions is saved.
+positions is saved. For inference, `inplace=True` rotates q and k in their own memory.
 """
 
 import torch
@@ -75,11 +75,12 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rope_launch(q, k, cos, sin, pos, sign, rows_per_program):
+def _rope_launch(q, k, cos, sin, pos, sign, rows_per_program, inplace=False):
     q3, k3 = _tokens(q), _tokens(k)
     n, hq, dh = q3.shape
     hk = k3.shape[1]
-    qo, ko = torch.empty_like(q3), torch.empty_like(k3)
+    # in place: each program loads its elements before it stores them, so reading and writing one buffer is safe
+    qo, ko = (q3, k3) if inplace else (torch.empty_like(q3), torch.empty_like(k3))
     block_half = next_pow2(dh // 2)
     block_hq, block_hk = next_pow2(hq), next_pow2(hk)
     rows = next_pow2(rows_per_program or default_rows_per_program((block_hq + block_hk) * 2 * block_half))
@@ -91,6 +92,11 @@ def _rope_launch(q, k, cos, sin, pos, sign, rows_per_program):
         SIGN=sign, BLOCK_ROWS=rows, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
         num_warps=num_warps,
     )
+    if inplace:
+        for x, x3 in ((q, q3), (k, k3)):
+            if x3.data_ptr() != x.data_ptr():  # _tokens had to copy: write the result back
+                x.copy_(x3.view(x.shape))
+        return q, k
     return qo.view(q.shape), ko.view(k.shape)
 
 
@@ -130,8 +136,9 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, dcos, dsin, None, None
 
 
-def rope(q, k, cos, sin, position_ids, *, rows_per_program: int | None = None):
-    """Triton RoPE of q (B, T, Hq, Dh) and k (B, T, Hk, Dh) in one launch; same contract as `rope_ref`."""
+def rope(q, k, cos, sin, position_ids, *, rows_per_program: int | None = None, inplace: bool = False):
+    """Triton RoPE of q (B, T, Hq, Dh) and k (B, T, Hk, Dh) in one launch; same contract as `rope_ref`.
+    `inplace=True` (inference: nothing may need a gradient) rotates q and k in their own memory."""
     check_device("rope", q, k, cos, sin, position_ids)
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -144,4 +151,9 @@ def rope(q, k, cos, sin, position_ids, *, rows_per_program: int | None = None):
         )
     if position_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"rope: position_ids must be an integer tensor, got {position_ids.dtype}")
+    if inplace:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin)):
+            raise ValueError("rope(inplace=True) is for inference: q, k, cos and sin must not need gradients")
+        pos = position_ids.expand(q.shape[0], q.shape[1]).reshape(-1).contiguous()
+        return _rope_launch(q, k, cos, sin, pos, 1.0, rows_per_program, inplace=True)
     return RoPEFunction.apply(q, k, cos, sin, position_ids, rows_per_program)

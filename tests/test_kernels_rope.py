@@ -46,6 +46,23 @@ def test_rope_reads_strided_q_and_k():
     check_against_ref(rope, rope_ref, (q, k, cos, sin, _positions(2, 6, "plain")), wrt=())
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_rope_in_place_for_inference(strided):
+    # strided: (T, B, ...) storage seen as (B, T, ...): B and T do not flatten into one row index
+    q, k = torch.randn(2, 3, 3, 16), torch.randn(2, 3, 1, 16)
+    if strided:
+        q, k = torch.randn(3, 2, 3, 16).transpose(0, 1), torch.randn(3, 2, 1, 16).transpose(0, 1)
+    cos, sin, pos = torch.randn(8, 8), torch.randn(8, 8), _positions(2, 3, "decode") - 10
+    want_q, want_k = rope_ref(q, k, cos, sin, pos)
+    with torch.no_grad():
+        got_q, got_k = rope(q, k, cos, sin, pos, inplace=True)
+    assert got_q is q and got_k is k
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    with pytest.raises(ValueError, match="inplace=True. is for inference"):
+        rope(q.requires_grad_(), k, cos, sin, pos, inplace=True)
+
+
 def test_bad_tables_are_a_clear_error():
     q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 1, 8)
     with pytest.raises(ValueError, match=r"cos/sin must be \(P, Dh/2\)"):
