@@ -226,5 +226,8 @@ def run(args) -> int:
         print(f"minimind tokenizer: {e}", file=sys.stderr)
         return 2
     tok = load_tokenizer(out)
+    if len(tok) < args.vocab_size:
+        print(f"minimind tokenizer: the input supports only {len(tok)} of the {args.vocab_size} tokens asked for "
+              "(too little distinct text to learn more merges)", file=sys.stderr)
     print(json.dumps({"out": str(out), "vocab_size": len(tok), "fingerprint": tokenizer_fingerprint(tok)}))
     return 0
