@@ -232,3 +232,25 @@ def test_cli_tag_weight(tmp_path, tokenizer_dir, shared_dir):
         main(["prepare", "--stage", "reason", "--input", str(tmp_path / "missing.jsonl"),
               "--tokenizer", str(tokenizer_dir), "--out", str(out)])
     assert exit_.value.code == 2
+
+
+def test_blocks_stream_whole_lines_with_line_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 100)
+    lines = [json.dumps({"text": "x" * (i % 37)}) + "\n" for i in range(300)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(lines) + '{"text": "no newline at the end"}')
+    blocks = list(prepare_module._blocks(src))
+    assert b"".join(b for b, _ in blocks) == src.read_bytes()
+    longest = max(len(line) for line in lines)
+    for block, first in blocks:
+        assert len(block) <= 100 + longest  # a block is never much more than BLOCK_BYTES: the file is streamed
+        assert block.endswith(b"\n") or block.endswith(b"}")
+        assert block.split(b"\n")[0] == (lines[first - 1].rstrip("\n").encode() if first <= 300 else block)
+
+
+def test_cli_shows_progress(tmp_path, tokenizer_dir, capsys):
+    src = _write(tmp_path, [GOOD] * 3)
+    assert main(["prepare", "--stage", "sft", "--input", str(src), "--tokenizer", str(tokenizer_dir),
+                 "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "prepare sft: 100%" in err and "3 documents" in err
