@@ -2,8 +2,9 @@
 
 Kernels and references compute in fp32 and differ only in the order of their sums and in where they
 round to the storage dtype, so each row is a few units in the last place of its dtype. `atol` is
-scaled by max|expected| when that exceeds 1: a gradient that sums many products carries an error
-proportional to its own size, not to 1.
+scaled by max|expected| when that exceeds 1: a gradient that sums many products errs by a few ulps
+of its own largest entries. It is not scaled below 1, because some exact answers are cancellations
+of O(1) terms (the weight gradient of a one-row weighted mean is (l - l) / w = 0 up to an ulp of l).
 """
 
 import torch
