@@ -100,8 +100,8 @@ class _Encoder:
             return [(self.render(_prompt_turns(msgs), add_generation_prompt=True), True)]
         return [(self.render(msgs), True)]
 
-    def weights(self, text: str, encoding) -> np.ndarray:
-        """uint8 weight codes (0, 1, 2 = tag) per token, from assistant character spans of the rendered text.
+    def weights(self, text: str, encoding) -> bytearray:
+        """Weight codes (0, 1, 2 = tag), one byte per token, from assistant character spans of the rendered text.
 
         A span's tokens run from the first token starting inside it to the token holding its last
         character (the closing <|im_end|>); char_to_token keeps this to a few calls per span.
@@ -109,14 +109,14 @@ class _Encoder:
         spans = _assistant_spans(text)
         if self.stage == "dpo":
             spans = spans[-1:]
-        codes = np.zeros(len(encoding), dtype=np.uint8)
+        codes = bytearray(len(encoding))  # bytes, not numpy: a few slices per chat, numpy's call overhead dominates
         for a, b in spans:
             first, last = _token_range(encoding, a, b)
-            codes[first:last] = 1
+            codes[first:last] = b"\x01" * (last - first)
             if self.stage == "reason":
                 for ta, tb in _tag_spans(text, a, b):
-                    t0, t1 = encoding.char_to_token(ta), encoding.char_to_token(tb - 1)
-                    codes[max(t0, first):t1 + 1] = 2  # every token a tag overlaps, when it is split
+                    t0, t1 = max(encoding.char_to_token(ta), first), encoding.char_to_token(tb - 1) + 1
+                    codes[t0:t1] = b"\x02" * (t1 - t0)  # every token a tag overlaps, when it is split
         return codes
 
 
@@ -187,7 +187,7 @@ def _tag_spans(text: str, a: int, b: int):
             pos = i + len(tag)
 
 
-def _cut(codes: np.ndarray, ids: list[int], im_end: int, max_len: int) -> int:
+def _cut(codes: bytearray, ids: list[int], im_end: int, max_len: int) -> int:
     """Where to truncate a chat longer than max_len: after the last assistant turn that fits, else max_len."""
     ends = [k + 1 for k in range(min(len(ids), max_len)) if ids[k] == im_end and codes[k] > 0]
     return ends[-1] if ends else max_len
@@ -254,7 +254,7 @@ class _Block:
                 self.no_assistant += 1
                 return
             for ids, codes in docs:
-                self._doc(ids, codes, int(np.argmax(codes > 0)))
+                self._doc(ids, codes, len(codes) - len(codes.lstrip(b"\x00")))  # tokens before the first weighted
 
     def _chat(self, enc: _Encoder, text: str, encoding):
         ids, codes = encoding.ids, enc.weights(text, encoding)
@@ -262,7 +262,7 @@ class _Block:
             n = _cut(codes, ids, enc.im_end, enc.max_seq_len)
             ids, codes = ids[:n], codes[:n]
             self.truncated += 1
-        return (ids, codes) if codes.any() else None
+        return (ids, codes) if codes.count(0) < len(codes) else None
 
     def _doc(self, ids, codes, prompt_len: int) -> None:
         self.tokens.append(ids)
@@ -275,7 +275,7 @@ class _Block:
         flat = itertools.chain.from_iterable(self.tokens)
         return {
             "tokens": np.fromiter(flat, dtype=dtype, count=sum(self.lengths)),
-            "codes": np.concatenate(self.codes) if self.codes else np.zeros(0, np.uint8),
+            "codes": np.frombuffer(b"".join(self.codes), dtype=np.uint8),
             "lengths": np.asarray(self.lengths, dtype=np.int64),
             "prompt_lens": np.asarray(self.prompt_lens, dtype=np.int32),
             "answers": self.answers,
