@@ -183,6 +183,12 @@ def test_lora_exports_as_peft_adapter(lora_ckpt, tmp_path):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, **TOL)
 
 
+def test_peft_format_needs_a_lora_checkpoint(exported, tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "ckpt", exported["dense"][0])
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lora-format", "peft"]) == 2
+    assert "not a LoRA checkpoint" in capsys.readouterr().err
+
+
 def test_tokenizer_and_generation_config_exported(tiny_ckpt, tmp_path):
     out = export_hf(tiny_ckpt, tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -54,7 +54,9 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
     src = resolve_checkpoint(ckpt)
     if lora_format not in ("merged", "peft"):
         raise ExportError(f"--lora-format {lora_format!r}: expected merged or peft")
-    if is_lora_checkpoint(src) and lora_format == "peft":
+    if lora_format == "peft":
+        if not is_lora_checkpoint(src):
+            raise ExportError(f"--lora-format peft: {src} is not a LoRA checkpoint (no adapter_config.json)")
         return _export_peft(src, out)
     model, _ = load_checkpoint(src, kernels="torch")
     strip_lora(model)  # merged adapters become plain Linears: stock names only
