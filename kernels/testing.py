@@ -61,3 +61,57 @@ def check_against_ref(op, ref, args: tuple, wrt: tuple[int, ...], row=None, msg:
 
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def compile_kernels(arch: int = 90) -> list[str]:
+    """Compiles every Triton kernel of kernels/ to a cubin for sm_`arch` with no GPU present (Triton
+    bundles ptxas), in bf16 and fp32 and with each constexpr flag, so errors that the interpreter
+    cannot see (types of loop-carried values, constexpr branches, dot shapes) show up on a CPU.
+    Needs TRITON_INTERPRET unset (under the interpreter there is nothing to compile). Returns what
+    was compiled."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # the modules, not the ops of the same names that kernels/__init__ exports
+    cross_entropy, moe, rmsnorm, rope, swiglu = (
+        importlib.import_module(f"kernels.{name}") for name in ("cross_entropy", "moe", "rmsnorm", "rope", "swiglu")
+    )
+    target, done = GPUTarget("cuda", arch, 32), []
+    ints = {"TI_ptr": "*i64", "POS_ptr": "*i64", "TARGETS_ptr": "*i64", "A_IDX_ptr": "*i64", "R_IDX_ptr": "*i64",
+            "SEG_START_ptr": "*i32", "SEG_COUNT_ptr": "*i32", "TILE_END_ptr": "*i32"}
+    fp32_only = {"RSTD_ptr", "DW_ptr", "NLL_ptr", "W_ptr", "COS_ptr", "SIN_ptr", "PROBS_ptr", "TW_ptr", "DTW_ptr",
+                 "DPROBS_ptr", "DLOGITS_ptr"}
+    cases = [
+        (rmsnorm._rmsnorm_fwd_kernel, dict(HAS_RESIDUAL=True, BLOCK_ROWS=4, BLOCK_SIZE=1024)),
+        (rmsnorm._rmsnorm_fwd_kernel, dict(HAS_RESIDUAL=False, BLOCK_ROWS=1, BLOCK_SIZE=512)),
+        (rmsnorm._rmsnorm_bwd_kernel, dict(HAS_DRES=True, BLOCK_ROWS=4, BLOCK_SIZE=1024)),
+        (rope._rope_kernel, dict(SIGN=-1.0, BLOCK_ROWS=8, BLOCK_HQ=8, BLOCK_HK=2, BLOCK_HALF=32)),
+        (swiglu._swiglu_fwd_kernel, dict(BLOCK_SIZE=1024)),
+        (swiglu._swiglu_bwd_kernel, dict(BLOCK_SIZE=1024)),
+        (cross_entropy._ce_fwd_kernel, dict(HAS_WEIGHTS=True, WRITE_GRAD=True, BLOCK_ROWS=1, BLOCK_SIZE=8192)),
+        (moe._moe_gate_fwd_kernel, dict(TOP_K=2, NORM=True, BLOCK_ROWS=256, BLOCK_E=4)),
+        (moe._moe_gate_bwd_kernel, dict(HAS_DPROBS=True, TOP_K=2, NORM=True, BLOCK_ROWS=256, BLOCK_E=4)),
+        (moe._grouped_mm_kernel, dict(GATHER_A=True, DUAL=True, DOT_PRECISION="tf32", BLOCK_E=4, BLOCK_M=64,
+                                      BLOCK_N=64, BLOCK_K=32)),
+        (moe._grouped_mm_kernel, dict(GATHER_A=False, DUAL=False, DOT_PRECISION="ieee", BLOCK_E=8, BLOCK_M=64,
+                                      BLOCK_N=64, BLOCK_K=32)),
+        (moe._grouped_wgrad_kernel, dict(GATHER_R=True, DOT_PRECISION="tf32", BLOCK_P=64, BLOCK_Q=64, BLOCK_K=64)),
+    ]
+    for fn, constexprs in cases:
+        for dtype in ("bf16", "fp32"):
+            if dtype == "fp32" and constexprs.get("DOT_PRECISION") == "tf32":
+                continue  # fp32 operands always take "ieee"
+            signature = {}
+            for name in fn.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = ints.get(name) or ("*fp32" if name in fp32_only else f"*{dtype}")
+                else:
+                    signature[name] = "fp32" if name == "eps" else "i32"
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+            done.append(f"{fn.__name__}[{dtype}, {constexprs}]")
+    return done
