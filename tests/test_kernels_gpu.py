@@ -113,6 +113,16 @@ def test_liger_provider():
     check_against_ref(lambda x, w: ops.rmsnorm(x, w, 1e-5), lambda x, w: kernels.rmsnorm_ref(x, w, 1e-5), (x, w),
                       wrt=(0, 1))
     check_against_ref(ops.swiglu, kernels.swiglu_ref, (x, x * 0.5), wrt=(0, 1))
+    check_against_ref(lambda *a: ops.add_rmsnorm(*a, 1e-5), lambda *a: kernels.add_rmsnorm_ref(*a, 1e-5),
+                      (x, x * 0.5, w), wrt=(0, 1, 2))
+    # bf16 q/k with the model's fp32 tables
+    q, k = _randn(4, 128, 8, 64, dtype=torch.bfloat16), _randn(4, 128, 2, 64, dtype=torch.bfloat16)
+    tables = (_randn(256, 32), _randn(256, 32), torch.randint(0, 256, (4, 128), device=CUDA))
+    check_against_ref(ops.rope, kernels.rope_ref, (q, k, *tables), wrt=(0, 1))
+    targets = torch.randint(0, 6400, (512,), device=CUDA)
+    hidden, weight = _randn(512, 640, dtype=torch.bfloat16), _randn(6400, 640, dtype=torch.bfloat16, scale=0.04)
+    check_against_ref(ops.fused_linear_cross_entropy, kernels.fused_linear_cross_entropy_ref,
+                      (hidden, weight, targets), wrt=(0, 1))
     check_against_ref(ops.moe_dispatch_combine, kernels.moe_dispatch_combine_ref, _moe_inputs(torch.bfloat16, n=512),
                       wrt=(), row=torch.bfloat16)
 
