@@ -79,26 +79,26 @@ class _Encoder:
             raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
         return obj
 
-    def texts(self, obj: dict) -> list[tuple[str, bool]]:
-        """(text to tokenize, is a chat) pieces of one line: 1, or 2 for a dpo pair. Raises _Bad."""
+    def texts(self, obj: dict) -> list[str]:
+        """The texts to tokenize for one line: 1, or 2 for a dpo pair (chosen, rejected). Raises _Bad."""
         if self.stage == "pretrain":
             text = obj.get("text")
             if not isinstance(text, str):
                 raise _Bad('missing field "text"' if text is None else '"text" must be a string')
             if not text.strip():
                 raise _Bad('empty "text"')
-            return [(text, False)]
+            return [text]
         if self.stage == "dpo":
             chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
                 raise _Bad('"chosen" and "rejected" must end with an assistant turn')
             if chosen[:-1] != rejected[:-1]:
                 raise _Bad('"chosen" and "rejected" must share the prompt (all turns but the last)')
-            return [(self.render(chosen), True), (self.render(rejected), True)]
+            return [self.render(chosen), self.render(rejected)]
         msgs = _messages(obj, "conversations")
         if self.stage == "grpo":
-            return [(self.render(_prompt_turns(msgs), add_generation_prompt=True), True)]
-        return [(self.render(msgs), True)]
+            return [self.render(_prompt_turns(msgs), add_generation_prompt=True)]
+        return [self.render(msgs)]
 
     def weights(self, text: str, encoding) -> bytearray:
         """Weight codes (0, 1, 2 = tag), one byte per token, from assistant character spans of the rendered text.
@@ -201,7 +201,7 @@ def encode_block(args) -> dict:
     if lines and lines[-1] == b"":
         lines.pop()
     out = _Block()
-    pieces, owners = [], []  # texts to tokenize, and (line number, obj, pieces of that line)
+    pieces, owners = [], []  # texts to tokenize; per good line, (how many of them, its grpo answer)
     for k, raw in enumerate(lines):
         lineno = first_line + k
         if not raw.strip():
@@ -215,10 +215,10 @@ def encode_block(args) -> dict:
             out.bad += 1
             if not settings["skip_bad"]:
                 out.error = (lineno, str(e))
-                break
+                return out.finish(enc.dtype)  # prepare stops at this line; nothing of the block is kept
             continue
         owners.append((len(texts), answer))
-        pieces.extend(t for t, _ in texts)
+        pieces.extend(texts)
     encodings = enc.tok.encode_batch(pieces, add_special_tokens=False) if pieces else []
     k = 0
     for n, answer in owners:
