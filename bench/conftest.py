@@ -7,6 +7,6 @@ import pytest
 SMOKE = os.environ.get("MINIMIND_BENCH_SMOKE") == "1"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def smoke() -> bool:
     return SMOKE

@@ -74,3 +74,34 @@ def wrap(trainer):
 
     ids = [d.device.index] if d.device is not None else None
     return DDP(trainer.model, device_ids=ids)
+
+
+def deepspeed_engine(trainer):
+    """deepspeed.initialize on our model and AdamW, with the config's "auto" values filled from the run."""
+    import json
+
+    import deepspeed
+
+    cfg = trainer.cfg
+    with open(cfg["deepspeed"]) as f:
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed {cfg['deepspeed']}: not valid JSON ({e})") from None
+    autos = {
+        "train_micro_batch_size_per_gpu": cfg["batch_size"],
+        "gradient_accumulation_steps": cfg["grad_accum"],
+        "gradient_clipping": cfg["grad_clip"] or 0.0,
+    }
+    for key, value in autos.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None)  # derived by deepspeed from the two above and the world size
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = trainer.dtype == dtype
+    if trainer.dtype != torch.float32:
+        trainer.dtype = torch.float32  # deepspeed casts the model itself; no autocast on top
+    engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=ds,
+                                           dist_init_required=False)
+    return engine

@@ -151,3 +151,15 @@ class GRPOSetup(Setup):
     @staticmethod
     def useful_in(batch) -> int:
         return int(batch.weights.sum())
+
+
+@torch.no_grad()
+def mean_reward(engine, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
+    """Greedy mean reward on (question, answer) pairs: how GRPO is evaluated on held-out prompts."""
+    from infer.engine import SamplingParams
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True) for q, _ in pairs]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    return sum(reward(o.text, a, o.finish_reason == "stop") for o, (_, a) in zip(outs, pairs)) / len(pairs)

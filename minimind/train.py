@@ -179,7 +179,13 @@ class Trainer:
         elif self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "run.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
-        self.model = distributed.wrap(self)
+        if self.cfg["deepspeed"]:
+            self.model = self.engine = distributed.deepspeed_engine(self)
+            if getattr(self, "_deepspeed_resume_dir", None) is not None:
+                self.engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
+                                            load_lr_scheduler_states=False)
+        else:
+            self.model = distributed.wrap(self)
         if self.cfg["compile"]:
             self.model = torch.compile(self.model)
         self.stop_signal = None
@@ -275,18 +281,25 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                     loss_sum, aux, metrics = objective(self.model, batch)
                 loss = loss_sum.float() * scale + aux.float() / len(micro)
-                self.scaler.scale(loss).backward()
+                if self.engine is not None:  # deepspeed: it reduces, clips and steps at the boundary
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    self.engine.step()
+                else:
+                    self.scaler.scale(loss).backward()
             loss_total += loss_sum.detach().double()
             aux_total += aux.detach().double() / len(micro)
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / len(micro)
             tokens += setup.tokens_in(batch)
             useful += setup.useful_in(batch)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg["grad_clip"] or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            grad_norm = self.engine.get_global_grad_norm() or 0.0
+        else:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg["grad_clip"] or float("inf"))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         setup.after_step()
         loss_value = self.dist.all_reduce_sum(float(loss_total)) / max(total_weight, 1e-12)
         tokens, useful = self.dist.all_reduce_sum(tokens), self.dist.all_reduce_sum(useful)
@@ -323,6 +336,8 @@ class Trainer:
 
     def save(self):
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
+        if self.engine is not None:
+            return self._save_deepspeed()
         if self.dist.is_main:
             target = self.out / f"step-{self.step}"
             if not target.exists():
@@ -331,21 +346,42 @@ class Trainer:
                 self.log.save(self.step, target)
         self.dist.barrier()
 
-    def _fill_checkpoint(self, tmp: Path):
-        from minimind.checkpoint import copy_tokenizer, save_checkpoint  # noqa: F401  (shared writer below)
+    def _fill_checkpoint(self, tmp: Path, deepspeed: bool = False):
+        from minimind.checkpoint import copy_tokenizer
 
         self.setup.write_weights(tmp)
         if self.setup.tokenizer_dir is not None:
             copy_tokenizer(self.setup.tokenizer_dir, tmp)
         state_dir = tmp / "trainer_state"
-        state_dir.mkdir()
-        torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
+        state_dir.mkdir(exist_ok=True)
+        if not deepspeed:
+            torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
         torch.save({"scaler": self.scaler.state_dict(), "rng": _rng_state()}, state_dir / "rng.pt")
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
             "world_size": self.dist.world_size, "data": self.setup.loader_state(), "stage": self.stage,
         }
         (state_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def _save_deepspeed(self):
+        """Every rank writes its optimizer shard with DeepSpeed's own saver into a shared temp dir; rank
+        0 adds the model files and renames the whole directory into place."""
+        target = self.out / f"step-{self.step}"
+        if target.exists():
+            return
+        tmp = self.out / f".tmp-{target.name}-deepspeed"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "trainer_state").mkdir(parents=True)
+        self.dist.barrier()
+        self.engine.save_checkpoint(str(tmp / "trainer_state" / "deepspeed"), tag="state")
+        self.dist.barrier()
+        if self.dist.is_main:
+            self._fill_checkpoint(tmp, deepspeed=True)
+            os.rename(tmp, target)
+            self._prune()
+            self.log.save(self.step, target)
+        self.dist.barrier()
 
     def _prune(self):
         steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
@@ -355,16 +391,24 @@ class Trainer:
     def _resume(self):
         ckpt = resolve_checkpoint(self.out)
         state_dir = ckpt / "trainer_state"
+        ds_dir = state_dir / "deepspeed"
+        if ds_dir.exists() != bool(self.cfg["deepspeed"]):
+            raise UsageError(f"--resume: {ckpt} was {'' if ds_dir.exists() else 'not '}written by a DeepSpeed run; "
+                             "resume it the same way")
         try:
             state = json.loads((state_dir / "state.json").read_text())
-            opt = torch.load(state_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+            opt = None if ds_dir.exists() else torch.load(state_dir / "optimizer.pt", map_location=self.device,
+                                                          weights_only=True)
             extra = torch.load(state_dir / "rng.pt", weights_only=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{state_dir}: cannot resume from it ({e})") from None
         if state.get("stage") != self.stage:
             raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
         self.setup.load_weights(ckpt)
-        self.optimizer.load_state_dict(opt)
+        if opt is not None:
+            self.optimizer.load_state_dict(opt)
+        else:
+            self._deepspeed_resume_dir = ds_dir
         self.scaler.load_state_dict(extra["scaler"])
         if state["world_size"] == self.dist.world_size:
             _set_rng_state(extra["rng"])

@@ -193,9 +193,17 @@ def test_yarn_matches_transformers():
     assert not torch.allclose(cos, plain)
 
 
-def test_unknown_kernels_implementation_is_a_clear_error():
-    with pytest.raises(NotImplementedError, match="liger"):
-        build("tiny", kernels="liger")
+def test_kernel_provider_choice_is_explicit():
+    """An unknown provider is an error; liger either builds or says that liger-kernel is missing."""
+    import importlib.util
+
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        build("tiny", kernels="fast")
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ImportError, match="liger-kernel"):
+            build("tiny", kernels="liger")
+    else:
+        assert build("tiny", kernels="liger").ops.name == "liger"
 
 
 @pytest.mark.parametrize("moe", [False, True])

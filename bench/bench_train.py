@@ -1,0 +1,142 @@
+"""Training-step throughput on CPU: the real loop's optimizer step (`Trainer._optimizer_step`) for the
+`small` preset, batch 4 x 256, against a stock transformers LlamaForCausalLM of the same shape trained
+the plain way (AdamW, `labels=` loss, padded SFT rows), side by side in one run.
+
+Providers: pretrain eager fp32 / --compile / bf16 autocast; SFT packed / padded (useful tokens/s =
+tokens with non-zero loss weight); transformers pretrain and padded SFT.
+
+    pytest bench/bench_train.py --benchmark-columns=mean,stddev,rounds
+"""
+
+import pytest
+import torch
+
+B, T = 4, 256
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, smoke):
+    from minimind.data.prepare import prepare
+    from minimind.data.synth import write_corpus
+    from minimind.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bench-train")
+    files = write_corpus(root / "synth", seed=0, scale=0.05 if smoke else 0.3)
+    tok = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=6400, out=root / "tok")
+    return {
+        "root": root,
+        "pretrain": prepare("pretrain", files["pretrain"], tok, root / "pre"),
+        "sft": prepare("sft", files["sft"], tok, root / "sft", max_seq_len=T),
+    }
+
+
+def _trainer(prepared, tmp_path, stage, *extra, smoke=False):
+    import argparse
+
+    from minimind.cli import add_train_arguments
+    from minimind.train import Trainer
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    b, t = (2, 32) if smoke else (B, T)
+    args = ["--stage", stage, "--data", str(prepared[stage if stage == "pretrain" else "sft"]),
+            "--out", str(tmp_path / "run"), "--batch-size", str(b), "--seq-len", str(t), "--device", "cpu",
+            "--max-steps", "1000000", "--kernels", "torch", *extra]
+    if stage == "pretrain":
+        args += ["--model", "tiny" if smoke else "small"]
+    else:
+        args += ["--init", str(_init_ckpt(prepared, smoke))]
+    return Trainer(p.parse_args(args))
+
+
+def _init_ckpt(prepared, smoke):
+    from minimind.checkpoint import save_checkpoint
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+
+    path = prepared["root"] / "init"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = MiniMindForCausalLM(ModelConfig.from_preset("tiny" if smoke else "small"))
+        save_checkpoint(path, model, tokenizer_dir=prepared["root"] / "tok")
+    return path
+
+
+PROVIDERS = {
+    "pretrain-eager-fp32": ("pretrain", []),
+    "pretrain-compile-fp32": ("pretrain", ["--compile"]),
+    "pretrain-bf16-autocast": ("pretrain", ["--dtype", "bfloat16"]),
+    "sft-packed-fp32": ("sft", []),
+    "sft-padded-fp32": ("sft", ["--no-packing"]),
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_minimind_step(benchmark, provider, prepared, tmp_path, smoke):
+    stage, extra = PROVIDERS[provider]
+    if smoke and "--compile" in extra:
+        pytest.skip("smoke mode: torch.compile takes a minute on 2 cores; the full run measures it")
+    trainer = _trainer(prepared, tmp_path, stage, *extra, smoke=smoke)
+    stats = {"tokens": 0, "useful": 0}
+
+    def step():
+        row = trainer._optimizer_step()
+        stats["tokens"] += row["_tokens"]
+        stats["useful"] += row["_useful"]
+
+    step()  # warm-up (and compilation) outside the timing
+    stats.update(tokens=0, useful=0)
+    benchmark.pedantic(step, rounds=2 if smoke else 6, iterations=1, warmup_rounds=0 if smoke else 1)
+    _record(benchmark, stats, smoke)
+
+
+def _record(benchmark, stats, smoke):
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    n = benchmark.stats.stats.rounds + (0 if smoke else 1)  # warmup rounds also ran step()
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(tokens_per_s=round(stats["tokens"] / n / mean, 1),
+                                useful_tokens_per_s=round(stats["useful"] / n / mean, 1),
+                                useful_fraction=round(stats["useful"] / max(stats["tokens"], 1), 3),
+                                threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft-padded"])
+def test_transformers_step(benchmark, stage, prepared, smoke):
+    """Stock LlamaForCausalLM, same shape and parameter count, trained the plain way: AdamW, `labels=`
+    with -100 outside the loss, MiniMind's padded layout for SFT."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minimind.config import ModelConfig
+    from minimind.data.loader import make_loader
+
+    c = ModelConfig.from_preset("tiny" if smoke else "small")
+    b, t = (2, 32) if smoke else (B, T)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True, attn_implementation="sdpa",
+    )).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    data_stage = "pretrain" if stage == "pretrain" else "sft"
+    loader = iter(make_loader(prepared[data_stage], stage=data_stage, batch_size=b, seq_len=t, packed=False))
+    stats = {"tokens": 0, "useful": 0}
+
+    def step():
+        batch = next(loader)
+        # HF shifts labels itself: labels[i] is the token at i, predicted from i-1
+        labels = torch.cat([batch.input_ids[:, :1], batch.targets[:, :-1]], dim=1)
+        labels[:, 0] = -100
+        labels[:, 1:][batch.weights[:, :-1] == 0] = -100
+        hf(input_ids=batch.input_ids, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats["tokens"] += batch.input_ids.numel()
+        stats["useful"] += int((labels != -100).sum())
+
+    step()
+    stats.update(tokens=0, useful=0)
+    benchmark.pedantic(step, rounds=2 if smoke else 6, iterations=1, warmup_rounds=0 if smoke else 1)
+    _record(benchmark, stats, smoke)
