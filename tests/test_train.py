@@ -247,3 +247,14 @@ def test_grpo_raises_the_reward_on_held_out_arithmetic(reason_run, data, tmp_pat
     after = score(tmp_path / "grpo")
     print(f"held-out mean reward, seed {seed}: {before:.3f} -> {after:.3f}")
     assert after > before, (before, after)
+
+
+def test_wandb_offline_logs_the_run(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train("--stage", "pretrain", *FAST, "--data", data["pretrain"], "--out", tmp_path / "run", "--max-steps", 3,
+          "--wandb")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs, list((tmp_path / "run").iterdir())
+    assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
