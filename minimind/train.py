@@ -78,7 +78,7 @@ def resolve_args(args) -> dict:
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out (the run directory to continue)")
     if args.out is None:
-        raise UsageError("--out DIR is required")
+        args.out = Path("runs") / args.stage  # an existing non-empty one is refused below, naming it
     if d.needs_init and args.init is None and not args.resume:
         raise UsageError(f"--stage {args.stage} needs --init CKPT (e.g. the pretrain or SFT run)")
     if args.init is None and args.model is None and not args.resume:

@@ -182,6 +182,18 @@ def test_usage_errors_exit_2(data, pretrained, tmp_path):
         assert needle in err, (needle, err[-2000:])
 
 
+def test_dpo_reference_of_another_architecture_is_refused(data, pretrained, tmp_path):
+    from minimind.checkpoint import save_checkpoint
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+
+    three_layers = MiniMindForCausalLM(ModelConfig.from_preset("tiny", ["num_hidden_layers=3"]))
+    other = save_checkpoint(tmp_path / "other", three_layers, tokenizer_dir=pretrained / "step-40")
+    rc, err = train_inproc("--stage", "dpo", "--init", pretrained, "--ref", other, "--data", data["dpo"],
+                           "--out", tmp_path / "dpo", "--max-steps", 1)
+    assert rc == 2 and "--ref" in err and "architecture" in err, err[-2000:]
+
+
 def test_resume_with_a_different_architecture_is_refused(data, pretrained, tmp_path):
     import shutil
 
@@ -258,3 +270,17 @@ def test_wandb_offline_logs_the_run(data, tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs, list((tmp_path / "run").iterdir())
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_raw_jsonl_without_a_tokenizer_trains_one_and_caches_the_data(synth_dir, tmp_path):
+    run = tmp_path / "runs" / "pre"
+    train("--stage", "pretrain", *FAST, "--data", synth_dir / "pretrain.jsonl", "--out", run, "--max-steps", 2)
+    assert (run / "tokenizer" / "tokenizer.json").exists()
+    assert (run / "step-2" / "tokenizer.json").read_bytes() == (run / "tokenizer" / "tokenizer.json").read_bytes()
+    caches = list((tmp_path / "runs" / ".minimind-cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+    # SFT on raw jsonl reuses the init checkpoint's tokenizer; a second run reuses the prepared cache
+    for name in ("sft-a", "sft-b"):
+        train("--stage", "sft", "--init", run, *FAST[2:], "--data", synth_dir / "sft.jsonl",
+              "--out", tmp_path / "runs" / name, "--max-steps", 2)
+    assert len(list((tmp_path / "runs" / ".minimind-cache").iterdir())) == 2
