@@ -5,7 +5,8 @@ prefill newly admitted ones into free cache rows, sample all of them in one on-d
 the sampled tokens (and any logprobs) to the host in one transfer. Running sequences occupy cache rows
 0..n-1; a finished one frees its row at once (the last row moves into the hole), and a waiting one
 joins at the next step. `generate()` (the trainer's GRPO rollouts) and `stream()` (the chat CLI) drive
-`step()` themselves; the server runs it in one background thread (`infer.async_engine`).
+`step()` themselves; the server runs it in one background thread (`infer.async_engine`). One driver
+at a time: `add_request`/`abort` are safe from any thread, `step()` is not.
 """
 
 import collections
