@@ -81,7 +81,8 @@ def test_pretrain_loss_falls_and_writes_the_run(pretrained):
 def sft_run(pretrained, data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "sft"
     train("--stage", "sft", "--init", pretrained, "--data", data["sft"], "--out", run,
-          *FAST[2:], "--max-steps", 30, "--lr", "2e-3", "--warmup-steps", 3)
+          *FAST[2:], "--max-steps", 30, "--lr", "2e-3", "--warmup-steps", 3, "--val-data", data["sft"],
+          "--eval-every", 15)
     return run
 
 
@@ -90,6 +91,15 @@ def test_sft_loss_falls(sft_run):
     assert last < first - 0.5, (first, last)
     rows = metrics(sft_run)
     assert all(r["useful_tokens_per_s"] < r["tokens_per_s"] for r in rows)
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [15, 30] and val[30] < val[15]
+
+
+def test_moe_pretrain_logs_its_aux_loss(data, tmp_path):
+    train("--stage", "pretrain", *FAST, "--set", "use_moe=true", "--data", data["pretrain"], "--out", tmp_path / "moe",
+          "--max-steps", 3)
+    rows = metrics(tmp_path / "moe")
+    assert all(r["aux_loss"] > 0 for r in rows)
 
 
 def test_lora_changes_only_adapters(pretrained, data, tmp_path):
