@@ -31,7 +31,7 @@ def _train(args: list[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minimind.demo")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--scale", type=float, default=1.0, help="synthetic corpus size")
+    p.add_argument("--scale", type=float, default=0.5, help="synthetic corpus size")
     p.add_argument("--pretrain-epochs", type=float, default=2.0)
     p.add_argument("--sft-epochs", type=float, default=1.0)
     args = p.parse_args(argv)
