@@ -92,7 +92,7 @@ class GRPOSetup(Setup):
     def _objective(self):
         from infer.engine import Engine
 
-        self.ref = self._frozen(self.cfg["ref"] or self.base_ckpt, "--ref")
+        self.ref = self._frozen(self.cfg["ref"] or self.base_ckpt)
         if self.ref.config.to_dict() != self.model.config.to_dict():
             raise ValueError(f"--ref {self.cfg['ref']}: its architecture differs from the policy's (--init)")
         from minimind.data.tokenizer import load_tokenizer

@@ -85,7 +85,7 @@ class Setup:
             model.model.grad_checkpointing = True
         return model
 
-    def _frozen(self, path, what):
+    def _frozen(self, path):
         model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg["kernels"])
         model.requires_grad_(False)
         return model.eval()
@@ -244,12 +244,12 @@ class Setup:
         if self.stage == "reason":
             return objectives.Reason()
         if self.stage == "dpo":
-            ref = self._frozen(cfg["ref"] or self.base_ckpt, "--ref")
+            ref = self._frozen(cfg["ref"] or self.base_ckpt)
             if ref.config.to_dict() != self.model.config.to_dict():
                 raise _usage(f"--ref {cfg['ref']}: its architecture differs from the policy's (--init)")
             return objectives.DPO(ref, beta=cfg["beta"])
         if self.stage == "distill":
-            teacher = self._frozen(cfg["teacher"], "--teacher")
+            teacher = self._frozen(cfg["teacher"])
             if teacher.config.vocab_size != self.model.config.vocab_size:
                 raise _usage(f"--teacher {cfg['teacher']}: vocab {teacher.config.vocab_size} != student's "
                              f"{self.model.config.vocab_size}")
