@@ -1,7 +1,8 @@
 """The data pipeline on CPU: tokenizer training, `prepare` throughput, loader throughput, packing efficiency.
 
 Providers, side by side in one run:
-- prepare (MB/s of jsonl, SFT): `minimind` with 1 and 2 worker processes, against `transformers`: the
+- prepare (MB/s of jsonl, SFT): `minimind` with 1 and 2 worker processes (tiktoken as the encoder), the
+  same with tokenizers as the encoder (`minimind_tokenizers`, 2 workers), against `transformers`: the
   tokenizer's own `apply_chat_template(tokenize=True)` line by line in one process, which is what
   MiniMind's SFTDataset does for every sample it serves (it re-tokenizes at every epoch).
 - loader (tokens/s of (B, T) batches): packed and padded SFT, pretrain windows; compared with the
@@ -50,6 +51,11 @@ def _minimind_prepare(src, tok, out, workers):
     return lambda: prepare("sft", src, tok, out, workers=workers, progress=False)
 
 
+def _minimind_tokenizers_prepare(src, tok, out, workers):
+    """The same pipeline with tokenizers as the encoder instead of tiktoken (same ids; fastbpe.py)."""
+    return lambda: prepare("sft", src, tok, out, workers=workers, progress=False, fast=False)
+
+
 def _transformers_prepare(src, tok, _out, _workers):
     hf = load_tokenizer(tok)
 
@@ -76,11 +82,12 @@ def _tokenizers_only(src, tok, _out, _workers):
     return lambda: backend.encode_batch(texts, add_special_tokens=False)
 
 
-PROVIDERS = {"minimind": _minimind_prepare, "transformers": _transformers_prepare, "tokenizers_only": _tokenizers_only}
+PROVIDERS = {"minimind": _minimind_prepare, "minimind_tokenizers": _minimind_tokenizers_prepare,
+             "transformers": _transformers_prepare, "tokenizers_only": _tokenizers_only}
 
 
-@pytest.mark.parametrize("provider,workers", [("minimind", 2), ("minimind", 1), ("transformers", 1),
-                                              ("tokenizers_only", 1)])
+@pytest.mark.parametrize("provider,workers", [("minimind", 2), ("minimind", 1), ("minimind_tokenizers", 2),
+                                              ("transformers", 1), ("tokenizers_only", 1)])
 def test_prepare_throughput(benchmark, corpus, tmp_path, provider, workers):
     paths, tok = corpus
     src = paths["sft"]

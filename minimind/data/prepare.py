@@ -1,11 +1,11 @@
 """`minimind prepare`: jsonl -> memory-mapped tokens, document index, loss weights and meta.json (SPEC §4).
 
-The main process streams the input in ~1 MB blocks of whole lines (never the whole file) to worker
+The main process streams the input in ~256 KB blocks of whole lines (never the whole file) to worker
 processes, at most two blocks per worker in flight, and appends their results in input order to files
 in a temporary directory that is renamed into place only when complete, with meta.json written last:
 nothing half-written looks like prepared data. Workers validate each line (SPEC §3), render chats
-with the tokenizer's own chat template, tokenize, and mark loss weights by character spans of the
-rendered text: assistant content plus its closing <|im_end|> (DPO: only the final response), the
+with the tokenizer's own chat template, tokenize (with tiktoken where it gives tokenizers' ids, see
+fastbpe.py; else tokenizers), and mark loss weights by character (or byte) spans of the rendered text: assistant content plus its closing <|im_end|> (DPO: only the final response), the
 reason stage's <think>/<answer> tags at `tag_weight` (every token a tag overlaps, when the tokenizer
 splits it). Layout of a prepared directory:
   tokens.bin    all documents back to back, uint16 while the vocabulary fits, else uint32
@@ -13,9 +13,10 @@ splits it). Layout of a prepared directory:
   weights.bin   uint8 per token, an index into meta["weight_values"] (chat stages)
   prompt_lens.bin  int32 per document, tokens before the final response (dpo: doc 2i chosen, 2i+1 rejected)
   answers.jsonl one JSON value per prompt, the checkable answer or null (grpo)
-  meta.json     stage, tokenizer fingerprint, counts, file sizes, format version
+  meta.json     stage, tokenizer fingerprint, counts, file sizes, format version, encoder used
 """
 
+import bisect
 import itertools
 import json
 import multiprocessing
@@ -29,15 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
+from minimind.data.fastbpe import load_fast
 from minimind.data.tokenizer import IM_END, IM_START, PAD, TAGS, ChatRenderer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
 CHAT_STAGES = ("sft", "lora", "distill", "reason")
 ROLES = ("system", "user", "assistant")
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish together on small files
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")
 ASSISTANT_HEADER = IM_START + "assistant\n"
+CHECK_TEXTS = 4  # texts of every block the fast encoder's ids are checked against tokenizers'
 
 
 class PrepareError(ValueError):
@@ -49,17 +52,18 @@ class _Bad(Exception):
 
 
 @lru_cache(maxsize=1)
-def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float) -> "_Encoder":
-    # one per worker process, built on its first block (tokenizer loading is the expensive part)
-    return _Encoder(stage, Path(tokenizer), max_seq_len, tag_weight)
+def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fast: bool = True) -> "_Encoder":
+    # built once in the main process, before the workers fork (tokenizer loading is the expensive part)
+    return _Encoder(stage, Path(tokenizer), max_seq_len, tag_weight, fast)
 
 
 class _Encoder:
-    def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float):
+    def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True):
         from tokenizers import Tokenizer
 
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
         self.tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+        self.fast, self.why_slow = load_fast(tokenizer) if fast else (None, "disabled")
         self.render = ChatRenderer(tokenizer) if stage != "pretrain" else None
         self.eos = self.tok.token_to_id(PAD)
         self.im_end = self.tok.token_to_id(IM_END)
@@ -100,31 +104,80 @@ class _Encoder:
             return [self.render(_prompt_turns(msgs), add_generation_prompt=True)]
         return [self.render(msgs)]
 
-    def weights(self, text: str, encoding) -> bytearray:
-        """Weight codes (0, 1, 2 = tag), one byte per token, from assistant character spans of the rendered text.
+    def encode(self, texts: list[str]) -> list:
+        """One doc (ids and the way back to text positions) per text: tiktoken when it applies, else tokenizers.
+
+        The fast encoder's ids for the first CHECK_TEXTS texts of every block are compared with
+        tokenizers'; on a difference this process warns and uses tokenizers from then on.
+        """
+        if self.fast is not None:
+            docs = [_BytesDoc(t, self.fast.encode(t), self.fast.byte_len) for t in texts]
+            check = self.tok.encode_batch(texts[:CHECK_TEXTS], add_special_tokens=False)
+            if all(d.ids == e.ids for d, e in zip(docs, check)):
+                return docs
+            self.fast, self.why_slow = None, "its ids differed from tokenizers' on this input"
+            print("minimind prepare: the fast encoder's ids differ from tokenizers' here; using tokenizers",
+                  file=sys.stderr)
+        return [_CharDoc(t, e) for t, e in zip(texts, self.tok.encode_batch(texts, add_special_tokens=False))]
+
+    def weights(self, doc) -> bytearray:
+        """Weight codes (0, 1, 2 = tag), one byte per token, from assistant spans of the rendered text.
 
         A span's tokens run from the first token starting inside it to the token holding its last
-        character (the closing <|im_end|>); char_to_token keeps this to a few calls per span.
+        character (the closing <|im_end|>); a few lookups per span, not a pass per token.
         """
+        text = doc.text
         spans = _assistant_spans(text)
         if self.stage == "dpo":
             spans = spans[-1:]
-        codes = bytearray(len(encoding))  # bytes, not numpy: a few slices per chat, numpy's call overhead dominates
+        codes = bytearray(len(doc.ids))  # bytes, not numpy: a few slices per chat, numpy's call overhead dominates
         for a, b in spans:
-            first, last = _token_range(encoding, a, b)
+            first, last = _token_range(doc, a, b)
             codes[first:last] = b"\x01" * (last - first)
             if self.stage == "reason":
                 for ta, tb in _tag_spans(text, a, b):
-                    t0, t1 = max(encoding.char_to_token(ta), first), encoding.char_to_token(tb - 1) + 1
+                    t0, t1 = max(doc.token_at(ta), first), doc.token_at(tb - 1) + 1
                     codes[t0:t1] = b"\x02" * (t1 - t0)  # every token a tag overlaps, when it is split
         return codes
 
 
-def _token_range(encoding, a: int, b: int) -> tuple[int, int]:
-    first = encoding.char_to_token(a)
-    if encoding.token_to_chars(first)[0] < a:  # merged with the header's newline: it belongs to the header
+class _CharDoc:
+    """A tokenizers Encoding: positions are characters of the text."""
+
+    def __init__(self, text: str, encoding):
+        self.text, self.ids, self.encoding = text, encoding.ids, encoding
+
+    def token_at(self, pos: int) -> int:
+        return self.encoding.char_to_token(pos)
+
+    def token_start(self, t: int) -> int:
+        return self.encoding.token_to_chars(t)[0]
+
+
+class _BytesDoc:
+    """tiktoken ids: positions are bytes of the UTF-8 text, from each token's byte length (computed when asked)."""
+
+    def __init__(self, text: str, ids: list[int], byte_len: list[int]):
+        self._text, self.ids, self._byte_len, self._ends = text, ids, byte_len, None
+
+    @property
+    def text(self) -> bytes:
+        return self._text.encode("utf-8")
+
+    def token_at(self, pos: int) -> int:
+        if self._ends is None:
+            self._ends = list(itertools.accumulate(map(self._byte_len.__getitem__, self.ids)))
+        return bisect.bisect_right(self._ends, pos)
+
+    def token_start(self, t: int) -> int:
+        return self._ends[t - 1] if t else 0
+
+
+def _token_range(doc, a: int, b: int) -> tuple[int, int]:
+    first = doc.token_at(a)
+    if doc.token_start(first) < a:  # merged with the header's newline: it belongs to the header
         first += 1
-    return first, encoding.char_to_token(b - 1) + 1
+    return first, doc.token_at(b - 1) + 1
 
 
 def _messages(obj: dict, field: str) -> list[dict]:
@@ -133,20 +186,25 @@ def _messages(obj: dict, field: str) -> list[dict]:
         raise _Bad(f'missing field "{field}"')
     if not isinstance(msgs, list) or not msgs:
         raise _Bad(f'"{field}" must be a non-empty list of messages')
-    for i, m in enumerate(msgs):
-        where = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            raise _Bad(f'{where}: expected an object with "role" and "content"')
-        if m.get("role") not in ROLES:
-            raise _Bad(f"{where}.role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
-        content, reasoning = m.get("content"), m.get("reasoning_content")
-        if not isinstance(content, str):
-            raise _Bad(f'{where}: missing field "content"' if content is None else f"{where}.content must be a string")
-        if reasoning is not None and not isinstance(reasoning, str):
-            raise _Bad(f"{where}.reasoning_content must be a string")
-        if not content.strip() and not (reasoning or "").strip():
-            raise _Bad(f"{where}.content is empty")
+    for i, m in enumerate(msgs):  # the hot path: plain checks, messages built only on failure
+        if type(m) is not dict:
+            raise _Bad(f'{field}[{i}]: expected an object with "role" and "content"')
+        content = m.get("content")
+        if m.get("role") not in ROLES or type(content) is not str or not content.strip() or "reasoning_content" in m:
+            _check_message(m, f"{field}[{i}]")
     return msgs
+
+
+def _check_message(m: dict, where: str) -> None:
+    if m.get("role") not in ROLES:
+        raise _Bad(f"{where}.role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
+    content, reasoning = m.get("content"), m.get("reasoning_content")
+    if not isinstance(content, str):
+        raise _Bad(f'{where}: missing field "content"' if content is None else f"{where}.content must be a string")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise _Bad(f"{where}.reasoning_content must be a string")
+    if not content.strip() and not (reasoning or "").strip():
+        raise _Bad(f"{where}.content is empty")
 
 
 def _prompt_turns(msgs: list[dict]) -> list[dict]:
@@ -167,20 +225,24 @@ def _answer(obj: dict):
     return None if answer is None else str(answer)
 
 
-def _assistant_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans [a, b) of each assistant turn's content through its closing <|im_end|> (ChatML)."""
+def _assistant_spans(text: str | bytes) -> list[tuple[int, int]]:
+    """Spans [a, b) (of characters, or of bytes) of each assistant turn's content through its closing <|im_end|>."""
+    header, end = (ASSISTANT_HEADER, IM_END) if isinstance(text, str) else (ASSISTANT_HEADER_B, IM_END_B)
     spans, pos = [], 0
-    while (i := text.find(ASSISTANT_HEADER, pos)) >= 0:
-        a = i + len(ASSISTANT_HEADER)
-        j = text.find(IM_END, a)
-        b = len(text) if j < 0 else j + len(IM_END)
+    while (i := text.find(header, pos)) >= 0:
+        a = i + len(header)
+        j = text.find(end, a)
+        b = len(text) if j < 0 else j + len(end)
         spans.append((a, b))
         pos = b
     return spans
 
 
-def _tag_spans(text: str, a: int, b: int):
-    for tag in TAGS:
+ASSISTANT_HEADER_B, IM_END_B, TAGS_B = ASSISTANT_HEADER.encode(), IM_END.encode(), tuple(t.encode() for t in TAGS)
+
+
+def _tag_spans(text: str | bytes, a: int, b: int):
+    for tag in TAGS if isinstance(text, str) else TAGS_B:
         pos = a
         while (i := text.find(tag, pos, b)) >= 0:
             yield i, i + len(tag)
@@ -215,16 +277,16 @@ def encode_block(args) -> dict:
             out.bad += 1
             if not settings["skip_bad"]:
                 out.error = (lineno, str(e))
-                return out.finish(enc.dtype)  # prepare stops at this line; nothing of the block is kept
+                return out.finish(enc)  # prepare stops at this line; nothing of the block is kept
             continue
         owners.append((len(texts), answer))
         pieces.extend(texts)
-    encodings = enc.tok.encode_batch(pieces, add_special_tokens=False) if pieces else []
+    docs = enc.encode(pieces) if pieces else []
     k = 0
     for n, answer in owners:
-        out.add_line(enc, pieces[k:k + n], encodings[k:k + n], answer)
+        out.add_line(enc, docs[k:k + n], answer)
         k += n
-    return out.finish(enc.dtype)
+    return out.finish(enc)
 
 
 class _Block:
@@ -235,29 +297,29 @@ class _Block:
         self.lines = self.bad = self.no_assistant = self.truncated = self.too_long = 0
         self.error = None
 
-    def add_line(self, enc: _Encoder, texts, encodings, answer) -> None:
+    def add_line(self, enc: _Encoder, docs, answer) -> None:
         if enc.stage == "pretrain":
-            ids = encodings[0].ids
+            ids = docs[0].ids
             if len(ids) >= enc.max_seq_len:
                 ids, self.truncated = ids[: enc.max_seq_len - 1], self.truncated + 1
             self._doc(ids + [enc.eos], None, 0)
         elif enc.stage == "grpo":
-            ids = encodings[0].ids
+            ids = docs[0].ids
             if len(ids) > enc.max_seq_len:
                 self.too_long += 1
                 return
             self._doc(ids, None, len(ids))
             self.answers.append(answer)
         else:
-            docs = [self._chat(enc, t, e) for t, e in zip(texts, encodings)]
-            if any(d is None for d in docs):
+            chats = [self._chat(enc, d) for d in docs]
+            if any(c is None for c in chats):
                 self.no_assistant += 1
                 return
-            for ids, codes in docs:
+            for ids, codes in chats:
                 self._doc(ids, codes, len(codes) - len(codes.lstrip(b"\x00")))  # tokens before the first weighted
 
-    def _chat(self, enc: _Encoder, text: str, encoding):
-        ids, codes = encoding.ids, enc.weights(text, encoding)
+    def _chat(self, enc: _Encoder, doc):
+        ids, codes = doc.ids, enc.weights(doc)
         if len(ids) > enc.max_seq_len:
             n = _cut(codes, ids, enc.im_end, enc.max_seq_len)
             ids, codes = ids[:n], codes[:n]
@@ -271,7 +333,8 @@ class _Block:
         if codes is not None:
             self.codes.append(codes)
 
-    def finish(self, dtype) -> dict:
+    def finish(self, enc: _Encoder) -> dict:
+        dtype, self.fast = enc.dtype, enc.fast is not None
         flat = itertools.chain.from_iterable(self.tokens)
         return {
             "tokens": np.fromiter(flat, dtype=dtype, count=sum(self.lengths)),
@@ -281,6 +344,7 @@ class _Block:
             "answers": self.answers,
             "counts": dict(zip(COUNTS, (self.lines, self.bad, self.no_assistant, self.truncated, self.too_long))),
             "error": self.error,
+            "encoder": "tiktoken" if self.fast else "tokenizers",
         }
 
 
@@ -308,6 +372,7 @@ class _Writer:
             self.answers = open(tmp / "answers.jsonl", "w", encoding="utf-8")
         self.num_tokens = self.num_docs = self.num_weighted = 0
         self.counts = dict.fromkeys(COUNTS, 0)
+        self.encoders = set()
         self.files["offsets"].write(np.zeros(1, np.int64).tobytes())
 
     def add(self, res: dict) -> None:
@@ -324,6 +389,7 @@ class _Writer:
         self.num_docs += len(res["lengths"])
         for k, v in res["counts"].items():
             self.counts[k] += v
+        self.encoders.add(res["encoder"])
 
     def close(self) -> None:
         for f in self.files.values():
@@ -366,13 +432,17 @@ def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
 
 
 def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: int = 512, workers: int = 2,
-            skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True) -> Path:
-    """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`."""
+            skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True) -> Path:
+    """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`.
+
+    `fast=False` encodes with tokenizers even where tiktoken gives the same ids (fastbpe.py).
+    """
     from tqdm import tqdm
 
     input, tokenizer, out = Path(input), Path(tokenizer), Path(out)
     _check_args(stage, input, tokenizer, out, max_seq_len, workers)
-    settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight)), "skip_bad": skip_bad}
+    settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast),
+                "skip_bad": skip_bad}
     enc = _encoder(*settings["encoder"])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -435,6 +505,7 @@ def _meta(stage, input: Path, tokenizer: Path, max_seq_len, tag_weight, enc: _En
         "num_tokens": writer.num_tokens,
         "num_weighted_tokens": writer.num_weighted,
         "weight_values": [0.0, 1.0, float(tag_weight) if stage == "reason" else 1.0],
+        "encoder": " + ".join(sorted(writer.encoders)),  # tiktoken where it gives tokenizers' ids (fastbpe.py)
         "counts": writer.counts,
         "files": {p.name: p.stat().st_size for p in sorted(writer.tmp.iterdir())},
     }
