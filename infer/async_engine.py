@@ -104,10 +104,13 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
+                ready: dict[asyncio.AbstractEventLoop, list] = {}
                 for req in self.engine.step():
                     delta = self.engine.take_delta(req)
                     if delta is not None:
-                        self._deliver(req, delta)
+                        self._route(req, delta, ready)
+                for loop, items in ready.items():  # one wake-up of each event loop per step, not per delta
+                    loop.call_soon_threadsafe(_put_all, items)
         except BaseException as e:  # a bug or OOM: fail every open job instead of hanging it
             self.error = e
             self._stopping = True
@@ -117,7 +120,7 @@ class AsyncEngine:
                 self._jobs.clear()
             raise
 
-    def _deliver(self, req: Request, delta: Delta) -> None:
+    def _route(self, req: Request, delta: Delta, ready: dict) -> None:
         with self._lock:
             entry = self._jobs.get(req.id)
             if entry is None:
@@ -125,4 +128,9 @@ class AsyncEngine:
             if delta.finish_reason is not None:
                 del self._jobs[req.id]
         job, index, loop = entry
-        loop.call_soon_threadsafe(job.queue.put_nowait, (index, delta))
+        ready.setdefault(loop, []).append((job, index, delta))
+
+
+def _put_all(items) -> None:
+    for job, index, delta in items:
+        job.queue.put_nowait((index, delta))

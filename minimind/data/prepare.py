@@ -5,9 +5,10 @@ processes, at most two blocks per worker in flight, and appends their results in
 in a temporary directory that is renamed into place only when complete, with meta.json written last:
 nothing half-written looks like prepared data. Workers validate each line (SPEC §3), render chats
 with the tokenizer's own chat template, tokenize (with tiktoken where it gives tokenizers' ids, see
-fastbpe.py; else tokenizers), and mark loss weights by character (or byte) spans of the rendered text: assistant content plus its closing <|im_end|> (DPO: only the final response), the
-reason stage's <think>/<answer> tags at `tag_weight` (every token a tag overlaps, when the tokenizer
-splits it). Layout of a prepared directory:
+fastbpe.py; else tokenizers), and mark loss weights by character (or byte) spans of the rendered
+text: assistant content plus its closing <|im_end|> (DPO: only the final response), the reason
+stage's <think>/<answer> tags at `tag_weight` (every token a tag overlaps, when the tokenizer splits
+it). Layout of a prepared directory:
   tokens.bin    all documents back to back, uint16 while the vocabulary fits, else uint32
   offsets.bin   int64 (num_docs + 1,), document d is tokens[offsets[d]:offsets[d + 1]]
   weights.bin   uint8 per token, an index into meta["weight_values"] (chat stages)
