@@ -263,7 +263,7 @@ def test_grpo_raises_the_reward_on_held_out_arithmetic(reason_run, data, tmp_pat
     before = score(reason_run)
     train("--stage", "grpo", "--init", reason_run, "--data", data["grpo"], "--out", tmp_path / "grpo", "--seed", seed,
           "--batch-size", "4", "--group-size", "6", "--max-new-tokens", "40", "--seq-len", "64", "--log-every", "1",
-          "--max-steps", "16", "--lr", "1e-3", "--device", "cpu")
+          "--max-steps", "32", "--lr", "1e-3", "--device", "cpu")
     rows = metrics(tmp_path / "grpo")
     assert {"reward", "kl"} <= rows[-1].keys()
     after = score(tmp_path / "grpo")
