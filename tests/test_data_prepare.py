@@ -133,6 +133,8 @@ BAD_CASES = [
     ("sft", [{"conversations": [{"role": "user"}]}], ':1: conversations[0]: missing field "content"'),
     ("sft", [GOOD, b'{"conversations": "caf\xe9"}\n'], ":2: not valid UTF-8 (byte 0xe9"),
     ("sft", [b"[1, 2]\n"], ":1: expected a JSON object"),
+    ("pretrain", [{"text": "ok"}, b'{"text": "a \\ud800 b"}\n'], ":2: a string holds a lone surrogate (\\ud800)"),
+    ("sft", [b'{"conversations": [{"role": "user", "content": "x\\uDC00"}]}\n'], ":1: a string holds a lone surrogate"),
     ("pretrain", [{"text": "ok"}, {"txt": "no"}], ':2: missing field "text"'),
     ("pretrain", [{"text": ""}], ':1: empty "text"'),
     ("dpo", [{"chosen": GOOD["conversations"], "rejected": [{"role": "user", "content": "other"},

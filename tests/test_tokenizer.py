@@ -144,6 +144,10 @@ def test_bad_input_names_file_and_line(tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(TokenizerError, match=rf"{bad}:2: "):
         train_tokenizer([bad], out=tmp_path / "tok")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "emoji \\ud83d\\ude00 is fine"}\n{"text": "a lone \\ud800 is not"}\n')
+    with pytest.raises(TokenizerError, match=rf"{surrogate}:2: a string holds a lone surrogate"):
+        train_tokenizer([surrogate], out=tmp_path / "tok")
     with pytest.raises(TokenizerError, match="vocab-size"):
         train_tokenizer([bad], vocab_size=100, out=tmp_path / "tok")
     with pytest.raises(TokenizerError, match="not a tokenizer directory"):

@@ -273,6 +273,8 @@ def encode_block(args) -> dict:
         try:
             obj = enc.parse(raw)
             texts = enc.texts(obj)
+            if b"\\ud" in raw or b"\\uD" in raw:  # a \uXXXX escape of a surrogate: JSON allows a lone one
+                _check_unicode(texts)
             answer = _answer(obj) if enc.stage == "grpo" else None
         except _Bad as e:
             out.bad += 1
@@ -288,6 +290,15 @@ def encode_block(args) -> dict:
         out.add_line(enc, docs[k:k + n], answer)
         k += n
     return out.finish(enc)
+
+
+def _check_unicode(texts: list[str]) -> None:
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = ord(text[e.start])
+            raise _Bad(f"a string holds a lone surrogate (\\u{code:04x}), which is not valid Unicode") from None
 
 
 class _Block:

@@ -49,12 +49,17 @@ def _iter_texts(files: list[Path]):
                     raise TokenizerError(f"{path}:{lineno}: {e}") from None
                 if not isinstance(obj, dict):
                     raise TokenizerError(f"{path}:{lineno}: expected a JSON object")
-                if "text" in obj:
-                    yield obj["text"]
+                texts = [obj["text"]] if "text" in obj else []
                 for key in ("conversations", "chosen", "rejected"):
                     for msg in obj.get(key) or ():
-                        yield msg.get("reasoning_content") or ""
-                        yield msg.get("content") or ""
+                        texts += [msg.get("reasoning_content") or "", msg.get("content") or ""]
+                if b"\\ud" in raw or b"\\uD" in raw:  # JSON allows an escaped lone surrogate; Unicode does not
+                    try:
+                        [t.encode("utf-8") for t in texts if isinstance(t, str)]
+                    except UnicodeEncodeError:
+                        why = "a string holds a lone surrogate, not valid Unicode"
+                        raise TokenizerError(f"{path}:{lineno}: {why}") from None
+                yield from texts
 
 
 def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path) -> Path:
