@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from minimind.data.fastbpe import load_fast
-from minimind.data.tokenizer import IM_END, IM_START, PAD, TAGS, ChatRenderer, tokenizer_fingerprint
+from minimind.data.tokenizer import IM_END, IM_START, PAD, TAGS, ChatRenderer, lone_surrogate, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
@@ -165,13 +165,18 @@ class _BytesDoc:
     def text(self) -> bytes:
         return self._text.encode("utf-8")
 
-    def token_at(self, pos: int) -> int:
+    @property
+    def ends(self) -> list[int]:
+        """Each token's end, in bytes of the text."""
         if self._ends is None:
             self._ends = list(itertools.accumulate(map(self._byte_len.__getitem__, self.ids)))
-        return bisect.bisect_right(self._ends, pos)
+        return self._ends
+
+    def token_at(self, pos: int) -> int:
+        return bisect.bisect_right(self.ends, pos)
 
     def token_start(self, t: int) -> int:
-        return self._ends[t - 1] if t else 0
+        return self.ends[t - 1] if t else 0
 
 
 def _token_range(doc, a: int, b: int) -> tuple[int, int]:
@@ -273,8 +278,8 @@ def encode_block(args) -> dict:
         try:
             obj = enc.parse(raw)
             texts = enc.texts(obj)
-            if b"\\ud" in raw or b"\\uD" in raw:  # a \uXXXX escape of a surrogate: JSON allows a lone one
-                _check_unicode(texts)
+            if why := lone_surrogate(raw, texts):
+                raise _Bad(why)
             answer = _answer(obj) if enc.stage == "grpo" else None
         except _Bad as e:
             out.bad += 1
@@ -290,15 +295,6 @@ def encode_block(args) -> dict:
         out.add_line(enc, docs[k:k + n], answer)
         k += n
     return out.finish(enc)
-
-
-def _check_unicode(texts: list[str]) -> None:
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            code = ord(text[e.start])
-            raise _Bad(f"a string holds a lone surrogate (\\u{code:04x}), which is not valid Unicode") from None
 
 
 class _Block:

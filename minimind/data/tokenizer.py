@@ -53,13 +53,23 @@ def _iter_texts(files: list[Path]):
                 for key in ("conversations", "chosen", "rejected"):
                     for msg in obj.get(key) or ():
                         texts += [msg.get("reasoning_content") or "", msg.get("content") or ""]
-                if b"\\ud" in raw or b"\\uD" in raw:  # JSON allows an escaped lone surrogate; Unicode does not
-                    try:
-                        [t.encode("utf-8") for t in texts if isinstance(t, str)]
-                    except UnicodeEncodeError:
-                        why = "a string holds a lone surrogate, not valid Unicode"
-                        raise TokenizerError(f"{path}:{lineno}: {why}") from None
+                if why := lone_surrogate(raw, texts):
+                    raise TokenizerError(f"{path}:{lineno}: {why}")
                 yield from texts
+
+
+def lone_surrogate(raw: bytes, texts: list) -> str | None:
+    """Why a jsonl line's strings are not valid Unicode, or None. JSON allows an escaped lone surrogate
+    ("\\ud800"); nothing downstream can encode it. Only lines with such an escape pay for the check."""
+    if b"\\ud" not in raw and b"\\uD" not in raw:
+        return None
+    for text in texts:
+        try:
+            if isinstance(text, str):
+                text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"a string holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is not valid Unicode"
+    return None
 
 
 def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path) -> Path:
