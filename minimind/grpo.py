@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from minimind.linear import drop_packed
 from minimind.stages import Setup, _meta
 
 _NUMBER = re.compile(r"-?\d+")
@@ -120,6 +121,7 @@ class GRPOSetup(Setup):
         flat = [p for p in prompts.prompt_ids for _ in range(g)]
         params = [SamplingParams(max_new_tokens=self.cfg["max_new_tokens"], temperature=1.0, top_p=1.0,
                                  seed=seed + i) for i in range(len(flat))]
+        drop_packed(self.model)  # the optimizer may have written weights through .data (DeepSpeed)
         outs = self.engine.generate(flat, params)
         answers = [a for a in prompts.answers for _ in range(g)]
         rewards = torch.tensor([reward(o.text, a, o.finish_reason == "stop") for o, a in zip(outs, answers)])

@@ -1,6 +1,6 @@
 """LoRA (arXiv:2106.09685): low-rank adapters on named nn.Linear projections, our own implementation.
 
-`LoRALinear` subclasses nn.Linear and keeps the base weight at the same name, so a model with
+`LoRALinear` subclasses the model's Linear and keeps the base weight at the same name, so a model with
 adapters still loads and saves its base tensors unchanged; the adapter adds `lora_A` (r, in) and
 `lora_B` (out, r), scaled by alpha / r. B starts at zero, so a fresh adapter changes nothing.
 A LoRA checkpoint is a directory with `adapter_config.json` (rank, alpha, targets, and the path and
@@ -17,12 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from minimind.linear import Linear
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -35,7 +37,7 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = super().forward(x)
         if self.merged:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
@@ -67,7 +69,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
+            if child_name in targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
@@ -101,7 +103,7 @@ def strip_lora(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 child.merge()
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                plain = Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                   device="meta")
                 plain.weight, plain.bias = child.weight, child.bias
                 setattr(module, child_name, plain)

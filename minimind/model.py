@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import Ops, get_ops
 from minimind.config import ModelConfig
+from minimind.linear import Linear
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -102,10 +103,10 @@ class Attention(nn.Module):
         super().__init__()
         d, hq, hk, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.hq, self.hk, self.dh, self.layer = hq, hk, dh, layer
-        self.q_proj = nn.Linear(d, hq * dh, bias=False)
-        self.k_proj = nn.Linear(d, hk * dh, bias=False)
-        self.v_proj = nn.Linear(d, hk * dh, bias=False)
-        self.o_proj = nn.Linear(hq * dh, d, bias=False)
+        self.q_proj = Linear(d, hq * dh, bias=False)
+        self.k_proj = Linear(d, hk * dh, bias=False)
+        self.v_proj = Linear(d, hk * dh, bias=False)
+        self.o_proj = Linear(hq * dh, d, bias=False)
         self.q_norm = RMSNorm(dh, config.rms_norm_eps, ops) if config.qk_norm else None
         self.k_norm = RMSNorm(dh, config.rms_norm_eps, ops) if config.qk_norm else None
         self.dropout = config.dropout
@@ -145,9 +146,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_proj = Linear(d, f, bias=False)
+        self.up_proj = Linear(d, f, bias=False)
+        self.down_proj = Linear(f, d, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.ops = ops
 
@@ -237,7 +238,7 @@ class MiniMindForCausalLM(nn.Module):
         self.config = config
         self.ops = get_ops(config.kernels, device)
         self.model = MiniMindModel(config, self.ops)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
