@@ -3,8 +3,8 @@
 the plain way (AdamW, `labels=` loss, padded SFT rows), side by side in one run.
 
 Providers: pretrain eager fp32 / --compile / bf16 autocast; SFT packed / padded (useful tokens/s =
-tokens with non-zero loss weight); transformers pretrain and padded SFT; and `matmul_floor`, the
-step's counted FLOPs as large GEMMs, the bound no fp32 trainer of this model beats on this machine.
+tokens with non-zero loss weight); transformers pretrain and padded SFT; and `matmul_floor` (MKL and
+oneDNN), the step's counted FLOPs as large GEMMs, the bound no fp32 trainer of this model beats here.
 
     pytest bench/bench_train.py --benchmark-columns=mean,stddev,rounds
 """
@@ -144,10 +144,12 @@ def test_transformers_step(benchmark, stage, prepared, smoke):
     _record(benchmark, stats, smoke)
 
 
-def test_matmul_floor(benchmark, smoke):
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+def test_matmul_floor(benchmark, smoke, library):
     """The FLOPs of one `small` pretrain step (counted by FlopCounterMode over forward + backward) run as
-    square 1024^3 fp32 GEMMs, the fastest shape this CPU multiplies: a lower bound on the step time of
-    any fp32 trainer of this model here, ours or transformers'. tokens_per_s is that bound."""
+    square 1024^3 fp32 GEMMs, the fastest shape this CPU multiplies, through MKL (`torch.mm`) and
+    through oneDNN with the second operand prepacked: the faster of the two is a lower bound on the step
+    time of any fp32 trainer of this model here, ours or transformers'. tokens_per_s is that bound."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from minimind.config import ModelConfig
@@ -164,10 +166,22 @@ def test_matmul_floor(benchmark, smoke):
     n = 1024
     x, y = torch.randn(n, n), torch.randn(n, n)
     reps = max(1, round(flops / (2 * n ** 3)))
+    if library == "onednn":
+        from minimind.linear import onednn_available
+
+        if not onednn_available():
+            pytest.skip("this torch build has no oneDNN")
+        packed = torch.ops.mkldnn._reorder_linear_weight(y, n)
+
+        def mm():
+            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    else:
+        def mm():
+            return torch.mm(x, y)
 
     def run():
         for _ in range(reps):
-            torch.mm(x, y)
+            mm()
 
     benchmark.pedantic(run, rounds=2 if smoke else 6, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:
