@@ -2,13 +2,16 @@
 
 Why: a decode step multiplies each weight by a few rows (B <= 64). That is bound by reading the weight.
 For such skinny shapes MKL's sgemm re-packs the whole weight on every call. On a 2-core AVX2 machine,
-16 rows then cost ~2.3x one row. oneDNN reads a weight reordered ahead of time as it is. Whole engine
-decode at 16 rows gets 1.5-1.7x faster, and at 1 row 1.06-1.16x (`bench/bench_infer.py`).
+16 rows then cost ~2.3x one row, and MKL's matrix-vector product of a 6400 x 512 lm_head takes 4x
+oneDNN's. oneDNN reads a weight reordered ahead of time as it is. Whole engine decode of `small` at 16
+rows gets 1.2-1.7x faster (`bench/bench_infer.py`).
 
 The packed copy is made on first use. It is remade when the weight's storage or version counter
 changes: an optimizer step, merging a LoRA adapter, or `load_state_dict`. So a model that trains
 between rollouts (GRPO) stays correct. These cases take plain `F.linear`, unchanged:
 - training (grad enabled);
+- weights under `PACKED_MIN_NUMEL` elements, where oneDNN's fixed cost per call outweighs the gain.
+  Packing `tiny`'s 128-wide projections too made its batch-1 decode 0.74-0.82x as fast;
 - more than `PACKED_MAX_ROWS` rows (prefill, evaluation);
 - CUDA, dtypes other than fp32, and code under `torch.compile` (inductor picks its own GEMMs).
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_MAX_ROWS = 64
+PACKED_MIN_NUMEL = 1 << 16  # oneDNN costs ~50 us a call; MKL is faster on smaller weights
 PACK_ROWS_HINT = 16  # oneDNN picks the weight layout for this many rows; 8-32 measured within noise
 
 
@@ -45,7 +49,7 @@ class Linear(nn.Linear):
         w = self.weight
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
                 or w.dtype != torch.float32 or x.numel() > PACKED_MAX_ROWS * x.shape[-1]
-                or torch.compiler.is_compiling() or not onednn_available()):
+                or w.numel() < PACKED_MIN_NUMEL or torch.compiler.is_compiling() or not onednn_available()):
             return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed(w), self.bias, "none", [], "")
 

@@ -8,21 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind.linear import PACKED_MAX_ROWS, Linear, drop_packed, onednn_available
+from minimind.linear import PACKED_MAX_ROWS, PACKED_MIN_NUMEL, Linear, drop_packed, onednn_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN (mkldnn)")
 
 
-def _layer(n_in, n_out, bias):
+def _layer(n_in, bias, n_out=None):
+    """A layer big enough for the packed path (odd widths: n_out rounds up past PACKED_MIN_NUMEL / n_in)."""
     torch.manual_seed(0)
-    return Linear(n_in, n_out, bias=bias)
+    return Linear(n_in, n_out or -(-PACKED_MIN_NUMEL // n_in) + 3, bias=bias)
 
 
 @needs_onednn
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5, 123), (64, 37), (2, 1, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_equals_f_linear(shape, bias):
-    layer = _layer(shape[-1], 96, bias)
+    layer = _layer(shape[-1], bias)
     x = torch.randn(shape)
     with torch.no_grad():
         y = layer(x)
@@ -33,22 +34,22 @@ def test_packed_equals_f_linear(shape, bias):
 
 @needs_onednn
 def test_follows_in_place_weight_changes():
-    layer, x = _layer(64, 32, False), torch.randn(2, 64)
+    layer, x = _layer(64, False), torch.randn(2, 64)
     with torch.no_grad():
         layer(x)
         layer.weight.mul_(-2.0)  # what an optimizer step or a LoRA merge does: the version counter moves
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
-        layer.load_state_dict({"weight": torch.randn(32, 64)})
+        layer.load_state_dict({"weight": torch.randn_like(layer.weight)})
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
 def test_drop_packed_sees_writes_through_data():
-    model = torch.nn.Sequential(_layer(64, 32, False))
+    model = torch.nn.Sequential(_layer(64, False))
     x = torch.randn(2, 64)
     with torch.no_grad():
         before = model(x)
-        model[0].weight.data.copy_(torch.randn(32, 64))  # `.data` does not move the version counter
+        model[0].weight.data.copy_(torch.randn_like(model[0].weight))  # `.data` does not move the version counter
         stale = model(x)
         drop_packed(model)
         fresh = model(x)
@@ -56,8 +57,8 @@ def test_drop_packed_sees_writes_through_data():
     torch.testing.assert_close(fresh, F.linear(x, model[0].weight), rtol=1e-5, atol=1e-5)
 
 
-def test_training_and_large_batches_take_f_linear():
-    layer = _layer(64, 32, True)
+def test_training_large_batches_and_small_weights_take_f_linear():
+    layer = _layer(64, True)
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()
     assert layer.weight.grad is not None and x.grad is not None
@@ -65,11 +66,16 @@ def test_training_and_large_batches_take_f_linear():
         big = torch.randn(PACKED_MAX_ROWS + 1, 64)
         torch.testing.assert_close(layer(big), F.linear(big, layer.weight, layer.bias))
     assert "_packed_weight" not in layer.__dict__
+    small = _layer(64, False, n_out=PACKED_MIN_NUMEL // 64 - 1)
+    with torch.no_grad():
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(small(x), F.linear(x, small.weight))
+    assert "_packed_weight" not in small.__dict__
 
 
 @needs_onednn
 def test_not_state_and_not_copied():
-    layer = _layer(64, 32, True)
+    layer = _layer(64, True)
     with torch.no_grad():
         layer(torch.randn(1, 64))
     assert set(layer.state_dict()) == {"weight", "bias"}
