@@ -77,37 +77,37 @@ def hf_copy(model) -> LlamaForCausalLM:
     return hf
 
 
-def _weights_floor(model):
-    """The matrix-vector products of one batch-1 decode token and nothing else: every Linear of the
-    model (the tied lm_head once) times one fp32 vector, through the model's own (packed) path, which
-    is ~25% faster here than `F.linear`. At batch 1 these read all ~100 MB of weights from memory per
-    token, which bounds any fp32 engine holding the same weights on this machine."""
-    layers = list({id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
-    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+def _unique_linears(model) -> list[torch.nn.Module]:
+    """Every Linear of the model once (the tied lm_head shares the embedding's weight: counted once)."""
+    return list({id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
 
+
+def _per_token(op):
+    """A runner doing `op()` once for each of NEW tokens, without grad: a bound's stand-in for decode."""
     def run():
         with torch.no_grad():
             for _ in range(NEW):
-                for m in layers:
-                    m(inputs[m.in_features])
+                op()
         return [0] * NEW
 
     return run
+
+
+def _weights_floor(model):
+    """The matrix-vector products of one batch-1 decode token and nothing else: every Linear of the
+    model times one fp32 vector, through the model's own (packed) path, which is ~25% faster here than
+    `F.linear`. At batch 1 these read all ~100 MB of weights from memory per token, which bounds any
+    fp32 engine's matrix products with the same weights on this machine."""
+    layers = _unique_linears(model)
+    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+    return _per_token(lambda: [m(inputs[m.in_features]) for m in layers])
 
 
 def _weights_read(model):
     """Every weight of the model read once per token and nothing else (a sum per tensor): the memory
     bandwidth bound of batch-1 decode with these weights, below what any matrix-vector product reaches."""
-    weights = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
-
-    def run():
-        with torch.no_grad():
-            for _ in range(NEW):
-                for w in weights:
-                    w.sum()
-        return [0] * NEW
-
-    return run
+    weights = [m.weight for m in _unique_linears(model)]
+    return _per_token(lambda: [w.sum() for w in weights])
 
 
 def _unpacked(provider: str):

@@ -167,14 +167,14 @@ def test_matmul_floor(benchmark, smoke, library):
     x, y = torch.randn(n, n), torch.randn(n, n)
     reps = max(1, round(flops / (2 * n ** 3)))
     if library == "onednn":
-        from minimind.linear import onednn_available
+        from minimind.linear import onednn_available, pack_weight, packed_product
 
         if not onednn_available():
             pytest.skip("this torch build has no oneDNN")
-        packed = torch.ops.mkldnn._reorder_linear_weight(y, n)
+        packed = pack_weight(y, rows_hint=n)
 
         def mm():
-            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return packed_product(x, packed)
     else:
         def mm():
             return torch.mm(x, y)

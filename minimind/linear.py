@@ -44,6 +44,19 @@ def _version(w: torch.Tensor) -> int:
         return -1
 
 
+def pack_weight(w: torch.Tensor, rows_hint: int = PACK_ROWS_HINT) -> torch.Tensor:
+    """(N, K) weight -> oneDNN's own layout for products with about `rows_hint` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) with w given as `pack_weight(w)`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_CACHE = ("_packed_weight", "_packed_key")  # instance attributes, not state
+
+
 class Linear(nn.Linear):
     def forward(self, x):
         w = self.weight
@@ -51,20 +64,21 @@ class Linear(nn.Linear):
                 or w.dtype != torch.float32 or x.numel() > PACKED_MAX_ROWS * x.shape[-1]
                 or w.numel() < PACKED_MIN_NUMEL or torch.compiler.is_compiling() or not onednn_available()):
             return F.linear(x, w, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed(w), self.bias, "none", [], "")
+        return packed_product(x, self._packed(w), self.bias)
 
     def _packed(self, w: torch.Tensor) -> torch.Tensor:
         key = (w.data_ptr(), _version(w), tuple(w.shape))
         if self.__dict__.get("_packed_key") != key:
-            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT)
+            self._packed_weight = pack_weight(w)
             self._packed_key = key
         return self._packed_weight
 
+    def drop_packed(self) -> None:
+        for name in _CACHE:
+            self.__dict__.pop(name, None)
+
     def __getstate__(self):  # deepcopy / pickle: the packed copy is a cache, and oneDNN tensors don't copy
-        state = self.__dict__.copy()
-        state.pop("_packed_weight", None)
-        state.pop("_packed_key", None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHE}
 
 
 def drop_packed(model: nn.Module) -> None:
@@ -72,5 +86,4 @@ def drop_packed(model: nn.Module) -> None:
     version counter does not see (through `.data`, as DeepSpeed's ZeRO optimizers do)."""
     for m in model.modules():
         if isinstance(m, Linear):
-            m.__dict__.pop("_packed_weight", None)
-            m.__dict__.pop("_packed_key", None)
+            m.drop_packed()
