@@ -1,7 +1,7 @@
-"""Fused-op benchmarks: each op of kernels/ per provider, mode and preset shape, plus a training step.
+"""Fused-op benchmarks: each op of minimind/kernels/ per provider, mode and preset shape, plus a training step.
 
 Providers, side by side in one run: `ref` (the eager torch reference), `compile` (torch.compile of the
-reference), `triton` (ours), `liger` (liger-kernel through kernels.liger_ops). Modes: `fwd`, `bwd`
+reference), `triton` (ours), `liger` (liger-kernel through minimind.kernels.liger_ops). Modes: `fwd`, `bwd`
 (backward only: the forward runs in untimed setup), `fwd_bwd`. Shapes: B·T rows x the presets' hidden
 sizes (small 512, moe 640, base 768), V = 6400. extra_info records GB/s (bytes each op must move at
 least, counted once) or TFLOP/s for the matmul-bound ops, and the peak CUDA memory of one call.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kernels
+from minimind import kernels
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
 

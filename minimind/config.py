@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from kernels.dispatch import IMPLEMENTATIONS
+from minimind.kernels.dispatch import IMPLEMENTATIONS
 
 PRESETS: dict[str, dict] = {
     # tests and the demo; ~1.2M params, most of them the embedding

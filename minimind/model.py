@@ -1,7 +1,7 @@
 """The minimind decoder: Llama-style, pre-norm, GQA attention, RoPE, SwiGLU, RMSNorm, tied embeddings.
 
 Shapes (README): B batch, T time, D hidden, H heads (Hq query, Hk key/value), Dh head dim, V vocab.
-Every op a Triton kernel replaces goes through `self.ops` (kernels.dispatch), picked at build time.
+Every op a Triton kernel replaces goes through `self.ops` (minimind.kernels.dispatch), picked at build time.
 The forward returns logits (or the final hidden states, for a fused loss) and the MoE aux loss; the
 loss itself belongs to an objective, outside the model.
 """
@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.dispatch import Ops, get_ops
 from minimind.config import ModelConfig
+from minimind.kernels.dispatch import Ops, get_ops
 from minimind.linear import Linear
 
 try:  # optional, CUDA only

@@ -8,8 +8,8 @@ gate, optionally renormalised over the K chosen. The sequence-level auxiliary ba
 import torch
 import torch.nn as nn
 
-from kernels.dispatch import Ops
 from minimind.config import ModelConfig
+from minimind.kernels.dispatch import Ops
 
 
 class Experts(nn.Module):

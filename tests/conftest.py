@@ -1,5 +1,5 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
-before anything imports `kernels`."""
+before anything imports `minimind.kernels`."""
 
 import os
 

@@ -7,6 +7,8 @@ of magnitude ~2.5: SDPA on both sides, RoPE tables in fp64 here and fp32 in tran
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from minimind.config import PRESETS, ModelConfig
 from minimind.interop.export import export_hf
 from minimind.lora import apply_lora, write_adapter
 from minimind.model import MiniMindForCausalLM
+from tests.conftest import ROOT
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -197,3 +200,26 @@ def test_tokenizer_and_generation_config_exported(tiny_ckpt, tmp_path):
     assert cfg["eos_token_id"] == tok.eos_token_id == gen["eos_token_id"] is not None
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "hi" in text and text.rstrip().endswith("assistant")  # the template ran, with a generation prompt
+
+
+@pytest.mark.parametrize("where", ["repository root", "another directory"])
+def test_export_then_stock_from_pretrained_from_anywhere(where, tiny_ckpt, tmp_path):
+    """The console script exports and stock transformers loads the result, in fresh processes started in
+    the repository root (where `kernels` was once ours) and elsewhere (Fresh-install issue)."""
+    cwd = ROOT if where == "repository root" else tmp_path
+    script = ROOT / ".venv" / "bin" / "minimind"
+    export = [str(script)] if script.exists() else [sys.executable, "-m", "minimind.cli"]
+    out = tmp_path / "hf"
+    done = subprocess.run([*export, "export", "--ckpt", str(tiny_ckpt), "--out", str(out)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    load = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "print(type(model).__name__, tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", load, str(out)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vocab = json.loads((tiny_ckpt / "config.json").read_text())["vocab_size"]
+    assert done.stdout.split() == ["LlamaForCausalLM", "(1,", "3,", f"{vocab})"]

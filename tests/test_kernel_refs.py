@@ -1,4 +1,4 @@
-"""The pure-torch references of kernels/ against plain, obviously-correct formulations.
+"""The pure-torch references of minimind/kernels/ against plain, obviously-correct formulations.
 
 (The Triton kernels are tested against these references, so these must be right.)
 """
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import (
+from minimind.kernels import (
     add_rmsnorm_ref,
     cross_entropy_ref,
     fused_linear_cross_entropy_ref,

@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from kernels.testing import compile_kernels\nfor name in compile_kernels(90): print('compiled', name)"
+    code = ("from minimind.kernels.testing import compile_kernels\n"
+            "for name in compile_kernels(90): print('compiled', name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "TRITON_DEFAULT_FP_FUSION": "1"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -5,8 +5,13 @@ odd vocab sizes spanning several column blocks, several row chunks, fp32/fp16.""
 import pytest
 import torch
 
-from kernels import cross_entropy, cross_entropy_ref, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
-from kernels.testing import assert_close, check_against_ref
+from minimind.kernels import (
+    cross_entropy,
+    cross_entropy_ref,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
+from minimind.kernels.testing import assert_close, check_against_ref
 
 REDUCTIONS = ["mean", "sum", "none"]
 

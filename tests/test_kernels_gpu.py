@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-import kernels
-from kernels.testing import assert_close, check_against_ref
+from minimind import kernels
 from minimind.config import ModelConfig
+from minimind.kernels.testing import assert_close, check_against_ref
 from minimind.model import MiniMindForCausalLM
 from tests.test_kernels_model import VARIANTS
 

@@ -6,8 +6,8 @@ cross-entropy with reduction="sum" divided by the total weight, plus the MoE aux
 import pytest
 import torch
 
-from kernels.testing import assert_close
 from minimind.config import ModelConfig
+from minimind.kernels.testing import assert_close
 from minimind.model import MiniMindForCausalLM
 
 VARIANTS = {

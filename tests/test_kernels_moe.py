@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import moe_dispatch_combine, moe_dispatch_combine_ref, moe_gate, moe_gate_ref
-from kernels.testing import assert_close, check_against_ref
+from minimind.kernels import moe_dispatch_combine, moe_dispatch_combine_ref, moe_gate, moe_gate_ref
+from minimind.kernels.testing import assert_close, check_against_ref
 
 
 def _loop_over_experts(x, topk_weight, topk_idx, w_gate, w_up, w_down):

@@ -1,5 +1,5 @@
 """The kernel providers: `kernels="triton"` is our Triton ops, the plain names never fall back to the
-references, `import kernels` works without triton, and `kernels="liger"` either adapts liger-kernel
+references, `import minimind.kernels` works without triton, and `kernels="liger"` either adapts liger-kernel
 correctly or says clearly that it is not installed."""
 
 import importlib.util
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.testing import check_against_ref
+from minimind import kernels
+from minimind.kernels.testing import check_against_ref
 from tests.conftest import ROOT
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
@@ -34,20 +34,20 @@ def test_triton_provider_is_our_triton_ops():
 
 def test_plain_names_refuse_cpu_tensors_without_the_interpreter():
     out = _python(
-        "import torch, kernels\n"
+        "import torch\nfrom minimind import kernels\n"
         "try:\n"
         "    kernels.rmsnorm(torch.randn(2, 4), torch.ones(4), 1e-5)\n"
         "except RuntimeError as e:\n"
         "    print('refused:', e)\n"
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "refused: kernels.rmsnorm runs Triton: it needs CUDA tensors, or TRITON_INTERPRET=1" in out.stdout
+    assert "refused: minimind.kernels.rmsnorm runs Triton: it needs CUDA tensors, or TRITON_INTERPRET=1" in out.stdout
 
 
 def test_import_kernels_and_the_torch_path_need_no_triton():
     out = _python(
         "import sys; sys.modules['triton'] = None  # as if triton were not installed\n"
-        "import torch, kernels\n"
+        "import torch\nfrom minimind import kernels\n"
         "from minimind.config import ModelConfig\n"
         "from minimind.model import MiniMindForCausalLM\n"
         "m = MiniMindForCausalLM(ModelConfig.from_preset('tiny', kernels='torch'))\n"
@@ -59,13 +59,13 @@ def test_import_kernels_and_the_torch_path_need_no_triton():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "logits (1, 3, 6400)" in out.stdout
-    assert "refused: kernels.swiglu needs triton, which is not installed" in out.stdout
+    assert "refused: minimind.kernels.swiglu needs triton, which is not installed" in out.stdout
 
 
 def test_liger_provider_without_liger_kernel_says_so():
     out = _python(
         "import sys; sys.modules['liger_kernel'] = None  # as if liger-kernel were not installed\n"
-        "import kernels\n"
+        "from minimind import kernels\n"
         "try:\n"
         "    kernels.get_ops('liger')\n"
         "except ImportError as e:\n"

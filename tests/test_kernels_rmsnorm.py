@@ -4,8 +4,8 @@ over odd shapes, fp32/fp16, several rows-per-program, and the residual stream's 
 import pytest
 import torch
 
-from kernels import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
-from kernels.testing import check_against_ref
+from minimind.kernels import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
+from minimind.kernels.testing import check_against_ref
 
 SHAPES = [(3, 37, 123), (1, 1, 8), (1, 7, 768), (5, 1, 640), (2, 3, 512)]
 DTYPES = [torch.float32, torch.float16]

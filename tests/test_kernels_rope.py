@@ -4,8 +4,8 @@ an offset, packed sequences whose positions restart, fp32/fp16, q/k gradients an
 import pytest
 import torch
 
-from kernels import rope, rope_ref
-from kernels.testing import check_against_ref
+from minimind.kernels import rope, rope_ref
+from minimind.kernels.testing import check_against_ref
 
 # (B, T, Hq, Hk, Dh)
 SHAPES = [(2, 5, 6, 2, 10), (1, 1, 8, 2, 64), (3, 7, 4, 4, 32), (1, 9, 3, 1, 6)]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import swiglu, swiglu_ref
-from kernels.testing import check_against_ref
+from minimind.kernels import swiglu, swiglu_ref
+from minimind.kernels.testing import check_against_ref
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 123), (1, 1, 1), (1, 341), (2, 5, 1408)])

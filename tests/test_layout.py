@@ -1,5 +1,7 @@
-"""The package, its console script and the import name `kernels` (SPEC §2, §9)."""
+"""The package, its console script and its import names (SPEC §2, §9)."""
 
+import fnmatch
+import importlib.metadata
 import subprocess
 import sys
 
@@ -85,19 +87,65 @@ def test_unknown_set_field_is_an_error():
     assert "hiden_size" in out.stderr
 
 
-def test_transformers_does_not_take_our_kernels_for_hf_kernels():
-    from transformers.utils import import_utils
+def _our_top_level_names() -> set[str]:
+    """The top-level import names pyproject installs: root folders with an __init__.py that match
+    [tool.setuptools.packages.find] include."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pytest depends on tomli below 3.11
+        import tomli as tomllib
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return {d.name for d in ROOT.iterdir() if (d / "__init__.py").exists()
+            and any(fnmatch.fnmatchcase(d.name, pattern) for pattern in include)}
 
-    import kernels
 
-    assert kernels.__file__.startswith(str(ROOT))
-    import_utils.is_kernels_available.cache_clear()
-    assert import_utils.is_kernels_available() is False
-    # and a stock model still builds and runs with our `kernels` importable
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _other_providers(names) -> dict[str, list[str]]:
+    """{import name: installed distributions other than minimind that ship it}."""
+    installed = importlib.metadata.packages_distributions()
+    return {n: others for n in sorted(names) if (others := [d for d in installed.get(n, []) if d != "minimind"])}
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    out = LlamaForCausalLM(cfg)(torch.randint(0, 64, (1, 5)))
-    assert out.logits.shape == (1, 5, 64)
+
+def _hf_kernels_installed() -> bool:
+    try:
+        return importlib.metadata.distribution("kernels") is not None
+    except importlib.metadata.PackageNotFoundError:  # transformers < 5.21 (the lock's choice on Python 3.10)
+        return False
+
+
+def test_no_other_installed_distribution_ships_our_import_names():
+    names = _our_top_level_names()
+    assert "minimind" in names and "kernels" not in names, names
+    assert _other_providers(names) == {}
+    # the check sees a clash where there is one: transformers >= 5.21 installs Hugging Face's `kernels`,
+    # the name our kernels package had before it moved into minimind/
+    if _hf_kernels_installed():
+        assert _other_providers({"kernels"}) == {"kernels": ["kernels"]}
+
+
+@pytest.mark.parametrize("where", ["repository root", "another directory"])
+def test_transformers_imports_with_hf_kernels_from_anywhere(where, tmp_path):
+    """The 2026-12-04 break: from the root, `kernels` was ours and transformers' hub_kernels failed to import."""
+    if not _hf_kernels_installed():
+        pytest.skip("Hugging Face's kernels is not installed (transformers < 5.21 does not need it)")
+    code = (
+        "import minimind.kernels, transformers, kernels\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from transformers.utils import import_utils\n"
+        "import torch\n"
+        "assert import_utils.is_kernels_available()\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                  num_attention_heads=4, num_key_value_heads=2)\n"
+        "print(LlamaForCausalLM(cfg)(torch.randint(0, 64, (1, 5))).logits.shape)\n"
+        "import importlib.metadata, pathlib\n"
+        "hf = importlib.metadata.distribution('kernels').locate_file('kernels/__init__.py')\n"
+        "print('ours', minimind.kernels.__file__)\n"
+        "print('hf', kernels.__file__, pathlib.Path(kernels.__file__).samefile(hf))\n"
+    )
+    cwd = ROOT if where == "repository root" else tmp_path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.Size([1, 5, 64])" in out.stdout
+    ours = out.stdout.split("ours ")[1].split()[0]
+    assert ours.startswith(str(ROOT / "minimind" / "kernels")), ours
+    hf, is_hf_distribution = out.stdout.split("hf ")[1].split()[:2]
+    assert is_hf_distribution == "True", f"`import kernels` found {hf}, not Hugging Face's distribution"

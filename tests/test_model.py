@@ -159,7 +159,7 @@ def test_dropout_changes_training_outputs_only():
 def test_rope_matches_transformers_llama():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kernels import rope_ref
+    from minimind.kernels import rope_ref
 
     c = ModelConfig.from_preset("tiny")
     cos, sin = rope_tables(c)

@@ -64,7 +64,7 @@ def _as_tuple(x):
 
 
 def compile_kernels(arch: int = 90) -> list[str]:
-    """Compiles every Triton kernel of kernels/ to a cubin for sm_`arch` with no GPU present (Triton
+    """Compiles every Triton kernel of minimind/kernels/ to a cubin for sm_`arch` with no GPU present (Triton
     bundles ptxas), in bf16 and fp32 and with each constexpr flag, so errors that the interpreter
     cannot see (types of loop-carried values, constexpr branches, dot shapes) show up on a CPU.
     Needs TRITON_INTERPRET unset (under the interpreter there is nothing to compile). Returns what
@@ -75,9 +75,10 @@ def compile_kernels(arch: int = 90) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # the modules, not the ops of the same names that kernels/__init__ exports
+    # the modules, not the ops of the same names that minimind/kernels/__init__ exports
     cross_entropy, moe, rmsnorm, rope, swiglu = (
-        importlib.import_module(f"kernels.{name}") for name in ("cross_entropy", "moe", "rmsnorm", "rope", "swiglu")
+        importlib.import_module(f"minimind.kernels.{name}")
+        for name in ("cross_entropy", "moe", "rmsnorm", "rope", "swiglu")
     )
     target, done = GPUTarget("cuda", arch, 32), []
     ints = {"TI_ptr": "*i64", "POS_ptr": "*i64", "TARGETS_ptr": "*i64", "A_IDX_ptr": "*i64", "R_IDX_ptr": "*i64",

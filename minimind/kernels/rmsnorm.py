@@ -10,7 +10,15 @@ are summed at the end, so no atomics and a deterministic dw.
 
 import torch
 
-from kernels._triton import cdiv, check_device, default_rows_per_program, jit, next_pow2, persistent_programs, tl
+from minimind.kernels._triton import (
+    cdiv,
+    check_device,
+    default_rows_per_program,
+    jit,
+    next_pow2,
+    persistent_programs,
+    tl,
+)
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What every Triton kernel file shares: a guarded `triton` import and the launch checks.
 
-`import kernels` must work where triton is not installed (the torch path needs none of this), so the
+`import minimind.kernels` must work where triton is not installed (the torch path needs none of this), so the
 kernel files import `triton`, `tl` and `jit` from here: without triton, `jit` turns each kernel into a
 function that raises, and `tl.constexpr` annotations still evaluate. The checks make the public ops
 refuse, with a clear message, to run where Triton cannot: they never fall back to the reference.
@@ -45,14 +45,14 @@ def interpreting() -> bool:
 def check_device(op: str, *tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; nothing else."""
     if not HAS_TRITON:
-        raise ImportError(f"kernels.{op} needs triton, which is not installed; use kernels='torch'")
+        raise ImportError(f"minimind.kernels.{op} needs triton, which is not installed; use kernels='torch'")
     for t in tensors:
         if t.is_cuda:
             continue
         if t.device.type == "cpu" and interpreting():
             continue
         raise RuntimeError(
-            f"kernels.{op} runs Triton: it needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton "
+            f"minimind.kernels.{op} runs Triton: it needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton "
             f"is imported) for CPU tensors; got a {t.device.type} tensor. kernels='torch' runs the reference."
         )
 

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
-from kernels.swiglu import _swiglu_bwd_kernel
+from minimind.kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
+from minimind.kernels.swiglu import _swiglu_bwd_kernel
 
 
 def moe_gate_ref(

@@ -10,7 +10,7 @@ positions is saved. For inference, `inplace=True` rotates q and k in their own m
 
 import torch
 
-from kernels._triton import cdiv, check_device, default_rows_per_program, jit, next_pow2, tl
+from minimind.kernels._triton import cdiv, check_device, default_rows_per_program, jit, next_pow2, tl
 
 
 def rope_ref(

@@ -4,12 +4,12 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests); an
 raises instead of falling back to its reference.
 """
 
-from kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
-from kernels.dispatch import Ops
-from kernels.moe import moe_dispatch_combine, moe_gate
-from kernels.rmsnorm import add_rmsnorm, rmsnorm
-from kernels.rope import rope
-from kernels.swiglu import swiglu
+from minimind.kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
+from minimind.kernels.dispatch import Ops
+from minimind.kernels.moe import moe_dispatch_combine, moe_gate
+from minimind.kernels.rmsnorm import add_rmsnorm, rmsnorm
+from minimind.kernels.rope import rope
+from minimind.kernels.swiglu import swiglu
 
 OPS = Ops(
     name="triton",

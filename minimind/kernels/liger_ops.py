@@ -11,9 +11,9 @@ cross-entropy overwrites its logits argument with their gradient (its design, to
 
 import torch
 
-from kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref
-from kernels.dispatch import Ops
-from kernels.moe import moe_gate_ref
+from minimind.kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref
+from minimind.kernels.dispatch import Ops
+from minimind.kernels.moe import moe_gate_ref
 
 try:
     from liger_kernel.ops import LigerFusedMoEFunction

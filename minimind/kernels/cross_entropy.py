@@ -16,7 +16,7 @@ ever exists (chunk * V ~ N * D by default).
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
+from minimind.kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -8,7 +8,7 @@ saves one (N, F) activation per MLP; the kernels are memory-bound, so the recomp
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_device, interpreting, jit, tl
+from minimind.kernels._triton import cdiv, check_device, interpreting, jit, tl
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

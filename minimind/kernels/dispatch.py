@@ -17,8 +17,8 @@ IMPLEMENTATIONS = ("auto", "torch", "triton", "liger")
 # name -> module that defines `OPS: Ops`. Modules are imported only when asked for, so a machine
 # without triton (or liger-kernel) can still build a torch-path model.
 _PROVIDERS = {
-    "triton": "kernels.triton_ops",
-    "liger": "kernels.liger_ops",
+    "triton": "minimind.kernels.triton_ops",
+    "liger": "minimind.kernels.liger_ops",
 }
 
 
@@ -58,11 +58,11 @@ def get_ops(name: str, device: torch.device | str | None = None) -> Ops:
 
 
 def _torch_ops() -> Ops:
-    from kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref
-    from kernels.moe import moe_dispatch_combine_ref, moe_gate_ref
-    from kernels.rmsnorm import add_rmsnorm_ref, rmsnorm_ref
-    from kernels.rope import rope_ref
-    from kernels.swiglu import swiglu_ref
+    from minimind.kernels.cross_entropy import cross_entropy_ref, fused_linear_cross_entropy_ref
+    from minimind.kernels.moe import moe_dispatch_combine_ref, moe_gate_ref
+    from minimind.kernels.rmsnorm import add_rmsnorm_ref, rmsnorm_ref
+    from minimind.kernels.rope import rope_ref
+    from minimind.kernels.swiglu import swiglu_ref
 
     return Ops(
         name="torch",
