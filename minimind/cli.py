@@ -47,6 +47,31 @@ def positive_int(value: str) -> int:
     return n
 
 
+def port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value!r}") from None
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value!r}")
+    return n
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Appends '(default: X)' to the help of every option, in this parser and its subparsers, that has
+    a default worth showing (not None, False or suppressed)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+            continue
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.help == argparse.SUPPRESS:
+            continue
+        if action.help is None or "%(default)" not in action.help:
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+    return parser
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of SPEC §5; None means 'the stage's default'."""
     p.add_argument("--stage", required=True, choices=STAGES)
@@ -131,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     p.add_argument("--input", type=existing_path, nargs="+", required=True, metavar="FILE")
     p.add_argument("--vocab-size", type=positive_int, default=6400)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing tokenizer in --out")
 
     p = sub.add_parser("prepare", help="tokenize jsonl into memory-mapped training data")
     p.add_argument("--stage", required=True, choices=STAGES)
@@ -166,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--lora", type=existing_path, metavar="DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", metavar="KEY")
     p.add_argument("--model-name", metavar="ID")
     p.add_argument("--max-batch", type=positive_int, default=32)
@@ -218,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer files to put in the checkpoint (default: the hf directory's own)")
     p.add_argument("--out", type=Path, required=True, metavar="CKPT")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    return parser
+    return show_defaults(parser)
 
 
 def _handler(args):
@@ -242,7 +269,7 @@ def train_main(argv=None) -> int:
     """Entry of train.py (what torchrun and deepspeed launch)."""
     parser = argparse.ArgumentParser(prog="train.py", description="Train a minimind model (SPEC §5).")
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     args.command = "train"
     _, handler = _handler(args)
     if handler is None:
