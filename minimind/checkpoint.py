@@ -208,6 +208,7 @@ def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch
         lora, ckpt = ckpt, resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"])
     model = _load_full(ckpt, device, kernels)
     if lora is not None:
+        lora = resolve_checkpoint(lora)  # a LoRA run dir, like --ckpt, means its newest step
         load_adapter(model, lora, base_ckpt=ckpt, merge=merge_lora)
         ckpt = Path(lora)
     if dtype is not None:

@@ -10,7 +10,9 @@ import torch
 
 from minimind.checkpoint import (
     WEIGHTS_FILE,
+    CheckpointError,
     load_checkpoint,
+    load_config,
     load_state_into,
     load_weights,
     write_model_files,
@@ -45,7 +47,8 @@ class Setup:
         self.lora_targets = None
         self.tokenizer_dir = None
         self.model = self._build_model()
-        self.tokenizer_dir = self._find_tokenizer()
+        self.tokenizer_dir = self.tokenizer_dir or self._find_tokenizer(self.model.config.vocab_size)
+        self._check_shapes()
         self.data_dir = self._prepared(self.cfg["data"])
         self._check_data(self.data_dir)
         self.loader = self._make_loader(self.data_dir, self.cfg["seed"])
@@ -62,11 +65,11 @@ class Setup:
             model, ckpt = load_checkpoint(cfg["init"], device=self.device, kernels=kernels)
             self.base_ckpt = ckpt
         elif self.trainer.cfg["resume"] and cfg["model"] is None:
-            run = json.loads((Path(cfg["out"]) / "run.json").read_text())
+            run = _read_run_json(Path(cfg["out"]) / "run.json")
             cfg["model"], cfg["overrides"] = run["model"], run["overrides"]
             return self._build_model()
         else:
-            config = ModelConfig.from_preset(cfg["model"], cfg["overrides"], kernels=kernels)
+            config = self._fresh_config()
             with torch.device(self.device):
                 model = MiniMindForCausalLM(config, device=self.device)
         model.train()
@@ -84,6 +87,51 @@ class Setup:
         if cfg["grad_checkpointing"]:
             model.model.grad_checkpointing = True
         return model
+
+    def _fresh_config(self) -> ModelConfig:
+        """The preset with --set applied; `--set vocab_size=auto` sizes the vocabulary to the tokenizer (rounded
+        up to a multiple of 64), and run.json records the number so a resume rebuilds the same model."""
+        cfg = self.cfg
+        overrides = [o for o in cfg["overrides"] if o.replace(" ", "") != "vocab_size=auto"]
+        config = ModelConfig.from_preset(cfg["model"], overrides, kernels=cfg["kernels"])
+        if len(overrides) == len(cfg["overrides"]):
+            return config
+        self.tokenizer_dir = self._find_tokenizer(config.vocab_size)
+        if self.tokenizer_dir is None:
+            raise _usage("--set vocab_size=auto needs a tokenizer: pass --tokenizer DIR")
+        n = _tokenizer_len(self.tokenizer_dir)
+        cfg["overrides"] = [*overrides, f"vocab_size={-(-n // 64) * 64}"]
+        self.trainer.log_message(f"vocab_size=auto: {n} tokens in {self.tokenizer_dir} -> vocab_size "
+                                 f"{-(-n // 64) * 64}")
+        return ModelConfig.from_preset(cfg["model"], cfg["overrides"], kernels=cfg["kernels"])
+
+    def _check_shapes(self):
+        """What would otherwise surface as an IndexError deep in the first step."""
+        config, cfg = self.model.config, self.cfg
+        if cfg["seq_len"] > config.max_position_embeddings:
+            raise _usage(f"--seq-len {cfg['seq_len']} is longer than the model's context "
+                         f"(max_position_embeddings {config.max_position_embeddings})")
+        if self.tokenizer_dir is None:
+            return
+        n = _tokenizer_len(self.tokenizer_dir)
+        fresh = cfg["init"] is None
+        if n > config.vocab_size:
+            hint = "--set vocab_size=auto sizes a fresh model to it" if fresh else "pass the model's own tokenizer"
+            raise _usage(f"the tokenizer {self.tokenizer_dir} has {n} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: ids from {config.vocab_size} on have no embedding ({hint})")
+        if n < config.vocab_size and fresh:
+            self.trainer.log_message(
+                f"the tokenizer has {n} tokens, the model's vocab_size is {config.vocab_size}: "
+                f"{config.vocab_size - n} embedding rows will never be used (--set vocab_size=auto sizes it "
+                "to the tokenizer)")
+
+    def data_fingerprint(self) -> str:
+        """Identifies the training data by content, not place: a hash of the prepared directory's meta.json
+        (source size, tokenizer fingerprint, document and token counts, file sizes) without its paths, so a
+        moved or re-prepared copy of the same data still resumes."""
+        meta = {k: v for k, v in _meta(self.data_dir).items() if k not in ("source", "tokenizer", "encoder")}
+        meta = json.dumps(meta, sort_keys=True)
+        return hashlib.sha256(meta.encode()).hexdigest()[:16]
 
     def _frozen(self, path):
         model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg["kernels"])
@@ -107,13 +155,15 @@ class Setup:
 
             self.model.load_state_dict(load_file(ckpt / ADAPTER_WEIGHTS, device=str(self.device)), strict=False)
             return
-        saved = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+        saved = load_config(ckpt)
         if saved.to_dict() != self.model.config.to_dict():
             raise _usage(f"--resume: {ckpt} has a different architecture than this run's model")
         load_state_into(self.model, load_weights(ckpt, self.device), ckpt / WEIGHTS_FILE)
 
     # ----------------------------------------------------------------- tokenizer and data
-    def _find_tokenizer(self):
+    def _find_tokenizer(self, vocab_size: int):
+        """--tokenizer, else the --init checkpoint's, the run's own, the prepared data's; for a fresh pretrain
+        on raw jsonl, one trained on it (vocab_size entries at most)."""
         cfg = self.cfg
         if cfg["tokenizer"]:
             return Path(cfg["tokenizer"])
@@ -132,18 +182,17 @@ class Setup:
                 return Path(tok)
             return None
         if self.stage == "pretrain" and cfg["init"] is None:
-            return self._train_tokenizer(data, run_tok)
+            return self._train_tokenizer(data, run_tok, vocab_size)
         raise _usage(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
 
-    def _train_tokenizer(self, data: Path, out: Path) -> Path:
+    def _train_tokenizer(self, data: Path, out: Path, vocab_size: int) -> Path:
         from minimind.data.tokenizer import train_tokenizer
 
         dist = self.trainer.dist
         if dist.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
-            vocab = self.model.config.vocab_size
-            self.trainer.log_message(f"no tokenizer given: training one on {data} (vocab {vocab})")
-            train_tokenizer([data], vocab_size=self.model.config.vocab_size, out=out)
+            self.trainer.log_message(f"no tokenizer given: training one on {data} (vocab {vocab_size})")
+            train_tokenizer([data], vocab_size=vocab_size, out=out)
         dist.barrier()
         return out
 
@@ -275,6 +324,22 @@ class Setup:
             weight += float(self.objective.weight(batch))
         model.train(was_training)
         return dist.all_reduce_sum(total) / max(dist.all_reduce_sum(weight), 1e-12)
+
+
+def _tokenizer_len(tokenizer_dir) -> int:
+    from minimind.data.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(tokenizer_dir))
+
+
+def _read_run_json(file: Path) -> dict:
+    try:
+        run = json.loads(file.read_text())
+        return {"model": run["model"], "overrides": run["overrides"]}
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing (the run's resolved flags), cannot resume") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}), cannot resume") from None
 
 
 def _meta(data_dir: Path) -> dict:

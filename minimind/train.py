@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -21,11 +22,16 @@ import numpy as np
 import torch
 
 from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, resolve_checkpoint
+from minimind.rundir import RunDir, RunDirBusy
 from minimind.trainlog import RunLog
 
 
 class UsageError(Exception):
     """A problem with what the user asked for; reported as `train.py: error: ...`, exit 2."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss, gradient norm or weight: the run stops without saving it, exit 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +69,39 @@ ACCEPTS = {
 def run(args) -> int:
     try:
         trainer = Trainer(args)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, RunDirBusy, NotADirectoryError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # DataError / PrepareError / config errors name their file or field
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except TrainingDiverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+
+
+# float flags that must be finite numbers (an `inf` learning rate trains NaN without a word)
+FINITE_FLAGS = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha",
+                "epochs", "max_time")
+POSITIVE_FLAGS = ("lr", "epochs", "max_time", "temperature", "lora_alpha")
+
+
+def _check_numbers(cfg: dict) -> None:
+    for key in FINITE_FLAGS:
+        value = cfg.get(key)
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if key in POSITIVE_FLAGS and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
 
 
 def resolve_args(args) -> dict:
@@ -106,6 +138,7 @@ def resolve_args(args) -> dict:
         cfg["min_lr"] = cfg["lr"] / 10
     if cfg["max_steps"] is None and cfg["epochs"] is None:
         cfg["epochs"] = 1.0
+    _check_numbers(cfg)
     for key in ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed"):
         if cfg.get(key) is not None:
             cfg[key] = str(Path(cfg[key]).resolve())
@@ -157,11 +190,29 @@ class Trainer:
         self.device = pick_device(self.cfg["device"]) if not self.dist.device else self.dist.device
         self.dtype = pick_dtype(self.cfg["dtype"], self.device)
         self.out = Path(self.cfg["out"])
-        self._check_out_dir()
-        self._seed(self.cfg["seed"])
-        self.log = RunLog(self.out, enabled=self.dist.is_main, wandb=self.cfg["wandb"], config=self.cfg)
-        from minimind import stages
+        self.run_dir = RunDir(self.out)
+        self.owns_contents = False  # everything in --out is this run's (a fresh run into an empty dir)
+        self.step = 0
+        notes = self.run_dir.claim() if self.dist.is_main else []
+        self.dist.barrier()
+        try:
+            self._check_out_dir()
+            self.owns_contents = not self.cfg["resume"]
+            self.dist.barrier()  # every rank has looked before the main one writes run.json
+            self._seed(self.cfg["seed"])
+            self.log = RunLog(self.out, enabled=self.dist.is_main, wandb=self.cfg["wandb"], config=self.cfg)
+            for note in notes:
+                self.log.message(note)
+            self._build()
+        except BaseException:
+            if not self._undo_if_fresh() and self.dist.is_main:
+                self.run_dir.abandon()  # free again at once, also for a caller in this process
+            raise
 
+    def _build(self):
+        from minimind import distributed, stages
+
+        self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
         self.setup = stages.build(self)  # model, tokenizer, loader, objective, trainable params
         self.model = self.setup.model
         self.engine = None  # deepspeed engine
@@ -171,15 +222,16 @@ class Trainer:
             fused=self.device.type in ("cuda", "cpu"),
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.step = 0
         self.tokens_seen = 0
+        self.bad_steps = 0  # consecutive non-finite steps GradScaler skipped (fp16)
         self.total_steps = self._total_steps()
+        self.data_fingerprint = self.setup.data_fingerprint()
         if self.cfg["resume"]:
             self._resume()
         elif self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "run.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
         if self.cfg["deepspeed"]:
+            self.log.message("starting DeepSpeed (it may build its ops on first use)")
             self.model = self.engine = distributed.deepspeed_engine(self)
             if getattr(self, "_deepspeed_resume_dir", None) is not None:
                 self.engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
@@ -187,8 +239,21 @@ class Trainer:
         else:
             self.model = distributed.wrap(self)
         if self.cfg["compile"]:
+            self.log.message("torch.compile: the first steps compile the model (a minute or more on CPU)")
             self.model = torch.compile(self.model)
         self.stop_signal = None
+
+    def _undo_if_fresh(self):
+        """A fresh run that fails before its first step leaves its directory as it found it, so the same
+        command can simply be run again. Later failures keep metrics.jsonl: the curve is the diagnosis."""
+        if self.dist.is_main and self.owns_contents and self.step == 0:
+            self.run_dir.undo()
+            return True
+        return False
+
+    def close(self):
+        if self.dist.is_main:
+            self.run_dir.release()
 
     def log_message(self, text: str):
         self.log.message(text)
@@ -198,7 +263,10 @@ class Trainer:
         if self.cfg["resume"]:
             if not self.out.is_dir() or not any(STEP_DIR.match(p.name) for p in self.out.iterdir()):
                 raise UsageError(f"--resume: {self.out} has no step-N checkpoint to resume from")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif not self.run_dir.is_empty():
+            if (self.out / "run.json").exists() and not any(STEP_DIR.match(p.name) for p in self.out.iterdir()):
+                raise UsageError(f"--out {self.out} holds a run that saved no checkpoint, so there is nothing to "
+                                 "--resume; remove that directory or pick a new DIR")
             raise UsageError(f"--out {self.out} is not empty; pass --resume to continue that run or pick a new DIR")
 
     def _seed(self, seed: int):
@@ -214,11 +282,24 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> int:
+        try:
+            return self._fit()
+        except BaseException:
+            self._undo_if_fresh()
+            raise
+
+    def _fit(self) -> int:
         cfg = self.cfg
         self._install_signal_handlers()
         start, last_log_time = time.perf_counter(), time.perf_counter()
         window_tokens = window_useful = 0
         self.log.start(self.total_steps, self.step)
+        tokens = cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"] * self.dist.world_size
+        first = min(cfg["log_every"] * (self.step // cfg["log_every"] + 1), self.total_steps)
+        self.log.message(f"training steps {self.step + 1}..{self.total_steps} ({tokens} tokens each); the first "
+                         f"log line comes after step {first}"
+                         + (f" (or fewer: --max-time {cfg['max_time']:g}s)" if cfg["max_time"] else "")
+                         + ("; the first steps compile" if cfg["compile"] else ""))
         exit_code = 0
         while not self._done(start):
             lr = lr_at(self.step, lr=cfg["lr"], min_lr=cfg["min_lr"], warmup=cfg["warmup_steps"],
@@ -226,6 +307,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             row = self._optimizer_step()
+            self._check_finite(row)
             self.step += 1
             window_tokens += row.pop("_tokens")
             window_useful += row.pop("_useful")
@@ -311,6 +393,35 @@ class Trainer:
             row[k] = self.dist.all_reduce_sum(v) / self.dist.world_size
         return row
 
+    def _check_finite(self, row: dict):
+        """Stops at the first non-finite loss or gradient norm, before anything of it is saved. Under fp16,
+        GradScaler skips a step with inf/NaN gradients by design and lowers its scale, so only a run of
+        such steps stops it."""
+        bad = [k for k in ("loss", "grad_norm") if not math.isfinite(row[k])]
+        if not bad:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        if self.scaler.is_enabled() and self.bad_steps < 5:
+            return
+        raise TrainingDiverged(
+            f"step {self.step + 1}: non-finite {' and '.join(bad)} ({', '.join(f'{k} {row[k]}' for k in bad)}); "
+            f"stopped without saving it. {self._last_good()} Lower --lr (now {self.cfg['lr']}) or check the data."
+        )
+
+    def _check_finite_weights(self):
+        if self.engine is not None:  # ZeRO shards: each rank holds a part; the loss check covers it
+            return
+        bad = [n for n, p in self.raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"step {self.step}: {len(bad)} weight tensor(s) are not finite after the update "
+                                   f"(e.g. {bad[0]}); stopped without saving them. {self._last_good()} "
+                                   f"Lower --lr (now {self.cfg['lr']}).")
+
+    def _last_good(self) -> str:
+        steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
+        return f"The last good checkpoint is {steps[-1][1]}." if steps else "No checkpoint was written."
+
     def _mfu(self, tokens_per_s: float):
         peak = _device_peak_flops(self.device, self.dtype)
         if peak is None:
@@ -336,6 +447,7 @@ class Trainer:
 
     def save(self):
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
+        self._check_finite_weights()
         if self.engine is not None:
             return self._save_deepspeed()
         if self.dist.is_main:
@@ -355,11 +467,12 @@ class Trainer:
         state_dir = tmp / "trainer_state"
         state_dir.mkdir(exist_ok=True)
         if not deepspeed:
-            torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
-        torch.save({"scaler": self.scaler.state_dict(), "rng": _rng_state()}, state_dir / "rng.pt")
+            torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")  # read back with weights_only
+        _write_rng_state(state_dir, scaler=self.scaler.state_dict())
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
             "world_size": self.dist.world_size, "data": self.setup.loader_state(), "stage": self.stage,
+            "data_fingerprint": self.data_fingerprint,
         }
         (state_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
@@ -395,36 +508,93 @@ class Trainer:
         if ds_dir.exists() != bool(self.cfg["deepspeed"]):
             raise UsageError(f"--resume: {ckpt} was {'' if ds_dir.exists() else 'not '}written by a DeepSpeed run; "
                              "resume it the same way")
-        try:
-            state = json.loads((state_dir / "state.json").read_text())
-            opt = None if ds_dir.exists() else torch.load(state_dir / "optimizer.pt", map_location=self.device,
-                                                          weights_only=True)
-            extra = torch.load(state_dir / "rng.pt", weights_only=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{state_dir}: cannot resume from it ({e})") from None
+        state = _read_json(state_dir / "state.json")
         if state.get("stage") != self.stage:
             raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
+        saved_data = state.get("data_fingerprint")
+        if saved_data is not None and saved_data != self.data_fingerprint:
+            raise UsageError(f"--resume: --data {self.cfg['data']} is not the data this run was trained on (data "
+                             f"fingerprint {self.data_fingerprint}, {state_dir / 'state.json'} has {saved_data}), "
+                             "so its saved data position would be wrong; to train on new data start a new run "
+                             f"with --init {ckpt}")
+        try:  # weights_only: a tensor-only unpickler that runs no code from the file
+            opt = None if ds_dir.exists() else torch.load(state_dir / "optimizer.pt", map_location=self.device,
+                                                          weights_only=True)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise CheckpointError(f"{state_dir / 'optimizer.pt'}: cannot resume from it ({e})") from None
+        rng = _read_rng_state(state_dir)
         self.setup.load_weights(ckpt)
         if opt is not None:
             self.optimizer.load_state_dict(opt)
         else:
             self._deepspeed_resume_dir = ds_dir
-        self.scaler.load_state_dict(extra["scaler"])
-        if state["world_size"] == self.dist.world_size:
-            _set_rng_state(extra["rng"])
+        if rng is None:
+            self.log.message(f"{state_dir}: no rng.json (a checkpoint from before 2026-12-04, whose rng.pt is a "
+                             "pickle and is not read): random state and fp16 loss scale start fresh")
+        else:
+            self.scaler.load_state_dict(rng["scaler"])
+            if state["world_size"] == self.dist.world_size:
+                _set_rng_state(rng)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.setup.load_loader_state(state["data"])
         self.log.truncate_after(self.step)
         self.log.message(f"resumed from {ckpt} at step {self.step}")
 
 
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing, cannot resume") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}), cannot resume") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, cannot resume")
+    return data
+
+
+# Random state and loss scale as tensors (safetensors) + JSON: nothing on resume is a pickle
+RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
+
+
+def _write_rng_state(state_dir: Path, scaler: dict) -> None:
+    from safetensors.torch import save_file
+
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"cuda_{i}": t for i, t in enumerate(cuda)})
+    save_file(tensors, state_dir / RNG_TENSORS)
+    meta = {"python": [version, list(internal), gauss_next],
+            "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+            "cuda_devices": len(cuda), "scaler": scaler}
+    (state_dir / RNG_JSON).write_text(json.dumps(meta) + "\n")
+
+
+def _read_rng_state(state_dir: Path) -> dict | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (state_dir / RNG_JSON).exists():
+        return None
+    meta = _read_json(state_dir / RNG_JSON)
+    try:
+        tensors = load_file(state_dir / RNG_TENSORS)
+        version, internal, gauss_next = meta["python"]
+        np_state = meta["numpy"]
+        return {
+            "python": (version, tuple(internal), gauss_next),
+            "numpy": (np_state["name"], tensors["numpy_keys"].numpy().astype(np.uint32), np_state["pos"],
+                      np_state["has_gauss"], np_state["cached_gaussian"]),
+            "torch": tensors["torch"],
+            "cuda": [tensors[f"cuda_{i}"] for i in range(meta["cuda_devices"])] or None,
+            "scaler": meta["scaler"],
+        }
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}: unreadable random state ({type(e).__name__}: {e}), "
+                              "cannot resume") from None
 
 
 def _set_rng_state(s: dict) -> None:
