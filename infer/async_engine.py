@@ -3,11 +3,17 @@ hands each request's deltas to the asyncio side through a per-job queue.
 
 HTTP handlers `submit()` a job (one or more sequences, e.g. `n=2`) and read `(index, Delta)` pairs
 from it. Model compute releases the GIL, so the event loop keeps serving while a step runs. A job
-whose reader goes away is aborted, which frees its cache rows at the next step.
+whose reader goes away is aborted, which frees its cache rows at the next step. A sequence the
+engine failed (finish_reason "error") ends its job with `RequestFailed`; the loop goes on serving.
+
+Logs, as vLLM does: one line per finished job (tokens in and out, time, tokens/s) and, while there
+is work, a throughput line every `log_interval` seconds.
 """
 
 import asyncio
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from infer.engine import Delta, Engine, Request
@@ -22,11 +28,20 @@ class EngineStopped(Exception):
     """The loop is shutting down or died (HTTP 503)."""
 
 
+class RequestFailed(Exception):
+    """The engine failed this job's sequence (HTTP 500); other jobs go on."""
+
+
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class Job:
     requests: list[Request]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (index, Delta | Exception)
     remaining: int = 0
+    label: str = ""  # the HTTP response id, for the log
+    submitted: float = field(default_factory=time.perf_counter)
 
     async def deltas(self):
         """(index, Delta) pairs until every sequence has finished; raises the loop's error if it dies."""
@@ -40,8 +55,8 @@ class Job:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int = 256):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int = 256, log_interval: float = 10.0):
+        self.engine, self.max_queue, self.log_interval = engine, max_queue, log_interval
         self._jobs: dict[int, tuple[Job, int, asyncio.AbstractEventLoop]] = {}  # request id -> (job, index, loop)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -57,7 +72,7 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt: list[int], params: list[SamplingParams]) -> Job:
+    def submit(self, prompt: list[int], params: list[SamplingParams], label: str = "") -> Job:
         """Queue len(params) sequences of one prompt; raises ValueError (bad request), QueueFull, EngineStopped."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
@@ -67,7 +82,7 @@ class AsyncEngine:
             waiting = len(self._jobs) - len(self.engine.running)
             if waiting + len(params) > self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (max queue {self.max_queue})")
-            job = Job(requests=[], remaining=len(params))
+            job = Job(requests=[], remaining=len(params), label=label)
             loop = asyncio.get_running_loop()
             for i, p in enumerate(params):
                 req = self.engine.add_request(prompt, p)
@@ -98,19 +113,26 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        generated, since = 0, time.perf_counter()  # tokens since the last throughput line
         try:
             while not self._stopping:
                 if not self.engine.has_work():
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    generated, since = 0, time.perf_counter()
                     continue
                 ready: dict[asyncio.AbstractEventLoop, list] = {}
                 for req in self.engine.step():
                     delta = self.engine.take_delta(req)
                     if delta is not None:
+                        generated += len(delta.token_ids)
                         self._route(req, delta, ready)
                 for loop, items in ready.items():  # one wake-up of each event loop per step, not per delta
                     loop.call_soon_threadsafe(_put_all, items)
+                if (elapsed := time.perf_counter() - since) >= self.log_interval:
+                    log.info("engine: %d running, %d waiting, generation %.1f tokens/s", len(self.engine.running),
+                             len(self.engine.waiting), generated / elapsed)
+                    generated, since = 0, time.perf_counter()
         except BaseException as e:  # a bug or OOM: fail every open job instead of hanging it
             self.error = e
             self._stopping = True
@@ -128,7 +150,21 @@ class AsyncEngine:
             if delta.finish_reason is not None:
                 del self._jobs[req.id]
         job, index, loop = entry
+        if delta.finish_reason == "error":
+            log.error("request %s failed: %r", job.label, req.error)
+            ready.setdefault(loop, []).append((job, index, RequestFailed(f"generation failed: {req.error!r}")))
+            return
         ready.setdefault(loop, []).append((job, index, delta))
+        if delta.finish_reason is not None and all(r.finish_reason is not None for r in job.requests):
+            _log_finished(job)
+
+
+def _log_finished(job: Job) -> None:
+    seconds = time.perf_counter() - job.submitted
+    completion = sum(len(r.output) for r in job.requests)
+    reasons = ",".join(sorted({r.finish_reason for r in job.requests}))
+    log.info("request %s done (%s): prompt %d tokens, completion %d tokens, %.2f s, %.1f tokens/s", job.label,
+             reasons, len(job.requests[0].prompt), completion, seconds, completion / max(seconds, 1e-9))
 
 
 def _put_all(items) -> None:

@@ -6,7 +6,9 @@ the sampled tokens (and any logprobs) to the host in one transfer. Running seque
 0..n-1; a finished one frees its row at once (the last row moves into the hole), and a waiting one
 joins at the next step. `generate()` (the trainer's GRPO rollouts) and `stream()` (the chat CLI) drive
 `step()` themselves; the server runs it in one background thread (`infer.async_engine`). One driver
-at a time: `add_request`/`abort` are safe from any thread, `step()` is not.
+at a time: `add_request`/`abort` are safe from any thread, `step()` is not. A step that raises fails
+the requests it was admitting (else the running ones) with finish_reason "error", never the engine:
+one bad request must not stop a server; `generate()` and `stream()` re-raise such an error.
 """
 
 import collections
@@ -36,7 +38,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[tuple[float, dict[int, float]]] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Request:
     logprobs: list | None = None
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
+    error: Exception | None = None  # why a step failed this request (finish_reason "error")
 
     @property
     def length(self) -> int:
@@ -114,6 +117,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # index = cache row
         self._batch_params: BatchParams | None = None
+        self._solo = 0  # admit this many waiting requests one per step: a failed step is finding its culprit
         self.cache = None
 
     @classmethod
@@ -194,17 +198,40 @@ class Engine:
             aborted = self._drain_inbox()
             n = len(self.running)
             admitted = self._admit(n)
-            parts = []
-            if n:
-                parts.append(self._decode(self.running))
-            if admitted:
-                self.running.extend(admitted)
-                self._batch_params = None
-                parts.append(self._prefill(admitted, start=n))
-            if not parts:
-                return aborted
-            updated = self._sample_and_append(torch.cat(parts) if len(parts) > 1 else parts[0])
-        return aborted + updated
+            try:
+                return aborted + self._forward_and_sample(n, admitted)
+            except Exception as e:  # any error: fail the suspects, keep the engine
+                return aborted + self._fail_step(n, admitted, e)
+
+    def _forward_and_sample(self, n: int, admitted: list[Request]) -> list[Request]:
+        parts = []
+        if n:
+            parts.append(self._decode(self.running))
+        if admitted:
+            self.running.extend(admitted)
+            self._batch_params = None
+            parts.append(self._prefill(admitted, start=n))
+        if not parts:
+            return []
+        return self._sample_and_append(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+    def _fail_step(self, n: int, admitted: list[Request], error: Exception) -> list[Request]:
+        """Undo a step that raised before any token was appended. The requests it was admitting are
+        the usual cause (their parameters or prompt are what is new): several go back to the queue to
+        be admitted one per step, so only the culprit fails; a single one fails; the running ones
+        retry next step. A step that admitted nothing fails every running request."""
+        del self.running[n:]  # admitted rows sit after the n running ones
+        self._batch_params = None
+        if len(admitted) > 1:
+            self.waiting.extendleft(reversed(admitted))
+            self._solo = len(admitted)
+            return []
+        failed = admitted or list(self.running)
+        if not admitted:
+            self._free(list(range(n)))
+        for req in failed:
+            req.finish_reason, req.error = "error", error
+        return failed
 
     def _ensure_cache(self) -> None:
         p = next(self.model.parameters())
@@ -217,10 +244,11 @@ class Engine:
         admitted, longest = [], 0
         while self.waiting and n + len(admitted) < self.max_batch:
             nxt = len(self.waiting[0].prompt)
-            if admitted and (len(admitted) + 1) * max(longest, nxt) > PREFILL_TOKEN_BUDGET:
+            if admitted and (self._solo or (len(admitted) + 1) * max(longest, nxt) > PREFILL_TOKEN_BUDGET):
                 break
             longest = max(longest, nxt)
             admitted.append(self.waiting.popleft())
+        self._solo = max(0, self._solo - len(admitted))
         return admitted
 
     def _forward_last(self, input_ids, position_ids, k, v, start: int, max_len: int):
@@ -300,7 +328,10 @@ class Engine:
                     base = 2 * n
                     tops = {int(host[base + n * k + j * n + i]): host[base + j * n + i] for j in range(kk)}
                 lp = (host[n + i], tops)
-            self._append(req, int(host[i]), lp)
+            try:
+                self._append(req, int(host[i]), lp)
+            except Exception as e:  # e.g. its detokenizer or stop strings: fail this one
+                req.finish_reason, req.error = "error", e
             if req.finish_reason is not None:
                 finished.append(i)
         self._free(finished)
@@ -365,6 +396,9 @@ class Engine:
                 self.step()
         finally:
             self.model.train(was_training)
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
         return [r.completion() for r in reqs]
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Delta]:
@@ -376,6 +410,8 @@ class Engine:
             while True:
                 if req.finish_reason is None:
                     self.step()
+                if req.error is not None:
+                    raise req.error
                 delta = self.take_delta(req)
                 if delta is not None:
                     yield delta

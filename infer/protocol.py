@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from infer.sampling import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_STOPS = 16
@@ -27,7 +27,7 @@ class _Request(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stream: StrictBool = False
     stream_options: "StreamOptions | None" = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
@@ -43,7 +43,7 @@ class _Request(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            seed=None if self.seed is None else self.seed + index,  # n > 1: distinct but reproducible
+            seed=None if self.seed is None else _wrap_int64(self.seed + index),  # n > 1: distinct, reproducible
             stop=[s for s in stop if s],
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -53,6 +53,11 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _wrap_int64(x: int) -> int:
+    """x into [INT64_MIN, INT64_MAX] as int64 addition wraps: seed + index for n > 1 must stay an int64."""
+    return (x - INT64_MIN) % 2**64 + INT64_MIN
 
 
 class StreamOptions(BaseModel):

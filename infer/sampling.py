@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds live in an int64 tensor (OpenAI's seed is an int64 too)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("seed", self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "an int64"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, top),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, top),

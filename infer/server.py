@@ -4,28 +4,41 @@
 stops it gracefully. Handlers parse and validate the body themselves (strict pydantic), so every
 bad request gets OpenAI's error JSON with the right status (400/401/404/413/429/503), never
 FastAPI's 422 or a 500. `minimind serve` is `run(args)`.
+
+Guard rails against one client hurting the others: prompts are bounded in characters before they
+are tokenized, and tokenized off the event loop; a non-streaming request whose client hangs up is
+aborted like a stream; a connection must send its request head within `header_timeout` seconds.
 """
 
 import asyncio
+import functools
+import hmac
 import json
+import logging
 import signal
+import socket
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from infer.async_engine import AsyncEngine, EngineStopped, QueueFull
+from infer.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed
 from infer.engine import ContextLengthError, Delta, Engine
 from infer.protocol import ChatRequest, CompletionRequest
 from infer.think import ThinkSplitter, split_reasoning
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+HEADER_TIMEOUT = 10.0  # seconds for a connection to send a whole request head
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -59,18 +72,23 @@ def run_name(ckpt) -> str:
 
 
 def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None = None, max_queue: int = 256,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    loop_engine = AsyncEngine(engine, max_queue=max_queue)
+               max_body_bytes: int = MAX_BODY_BYTES, max_prompt_chars: int | None = None,
+               log_interval: float = 10.0) -> FastAPI:
+    """`max_prompt_chars`: longer prompts are refused before tokenizing (default: the most characters
+    that could fit the context). `log_interval`: seconds between throughput lines under load."""
+    loop_engine = AsyncEngine(engine, max_queue=max_queue, log_interval=log_interval)
+    expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
+        log.info(_layout(engine))
         loop_engine.start()
         yield
         await asyncio.to_thread(loop_engine.stop)
 
     app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = loop_engine
-    handlers = _Handlers(engine, loop_engine, model_name)
+    handlers = _Handlers(engine, loop_engine, model_name, max_prompt_chars)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -88,8 +106,11 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if expected_auth is not None and request.url.path.startswith("/v1/"):
+            # constant time: a byte-by-byte compare would leak how much of a guessed key is right;
+            # starlette decodes headers as latin-1, so this gives back the bytes that were sent
+            given = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, expected_auth):
                 return APIError(401, "missing or wrong API key (expected 'Authorization: Bearer KEY')",
                                 type_="authentication_error", code="invalid_api_key").response()
         return await call_next(request)
@@ -123,11 +144,11 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await handlers.chat(_parse(ChatRequest, await body_of(request)))
+        return await handlers.chat(_parse(ChatRequest, await body_of(request)), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handlers.completions(_parse(CompletionRequest, await body_of(request)))
+        return await handlers.completions(_parse(CompletionRequest, await body_of(request)), request)
 
     return app
 
@@ -142,9 +163,17 @@ def _parse(model, body: bytes):
 class _Handlers:
     """The endpoints' logic: schema -> engine jobs -> OpenAI responses or SSE chunks."""
 
-    def __init__(self, engine: Engine, loop_engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: Engine, loop_engine: AsyncEngine, model_name: str, max_prompt_chars: int | None):
         self.engine, self.loop, self.name = engine, loop_engine, model_name
         self.created = int(time.time())
+        self.max_prompt_chars = max_prompt_chars or engine.max_len * _longest_token_bytes(engine.tokenizer)
+
+    def _check_prompt_size(self, chars: int, param: str) -> None:
+        """Refuse before tokenizing: a megabyte prompt costs seconds of CPU only to be found too long."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters; this server takes at most "
+                                f"{self.max_prompt_chars} (max_prompt_chars: its {self.engine.max_len}-token "
+                                f"context)", param=param, code="context_length_exceeded")
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "minimind",
@@ -163,9 +192,9 @@ class _Handlers:
                                 f"{prompt_len}{asked}", param="messages", code="context_length_exceeded")
         return room if requested is None else requested
 
-    def _submit(self, prompt: list[int], params):
+    def _submit(self, prompt: list[int], params, label: str):
         try:
-            return self.loop.submit(prompt, params)
+            return self.loop.submit(prompt, params, label)
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
@@ -180,21 +209,24 @@ class _Handlers:
 
     # ---- chat ----
 
-    async def chat(self, req: ChatRequest):
+    async def chat(self, req: ChatRequest, request: Request):
         self.check_model(req.model)
+        messages = [m.render() for m in req.messages]
+        self._check_prompt_size(sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages),
+                                param="messages")
         try:
-            prompt = self.engine.encode_chat([m.render() for m in req.messages])
+            prompt = await asyncio.to_thread(self.engine.encode_chat, messages)
         except Exception as e:  # the template rejected the conversation (e.g. a role it does not know)
             raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
         max_new = self._max_new(req.requested_tokens, len(prompt))
         if max_new == 0:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens", code="invalid_value")
         params = [req.sampling(max_new, req.logprob_k, index=i) for i in range(req.n)]
-        job = self._submit(prompt, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        job = self._submit(prompt, params, rid)
         if req.stream:
             return _sse(self._chat_stream(req, job, rid, created, len(prompt)), job, self.loop)
-        outs = await _collect(job, self.loop)
+        outs = await _collect(job, self.loop, request)
         choices = []
         for i, (text, tokens, lps, reason) in enumerate(outs):
             reasoning, content = split_reasoning(text)
@@ -244,22 +276,25 @@ class _Handlers:
 
     # ---- completions ----
 
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, request: Request):
         self.check_model(req.model)
-        prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
+        texts = [p for p in req.prompts() if isinstance(p, str)]
+        self._check_prompt_size(max(map(len, texts), default=0), param="prompt")
+        encoded = iter(await asyncio.to_thread(lambda: [self.engine.tokenizer.encode(t) for t in texts]))
+        prompts = [p if isinstance(p, list) else next(encoded) for p in req.prompts()]
         wants_scores = req.echo and req.logprobs is not None
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         jobs = []
         try:
             for prompt in prompts:
                 max_new = self._max_new(req.max_tokens, len(prompt))
                 params = [req.sampling(max_new, req.logprobs, req.logprobs if wants_scores else None, index=i)
                           for i in range(req.n)]
-                jobs.append((prompt, self._submit(prompt, params)))
+                jobs.append((prompt, self._submit(prompt, params, rid)))
         except APIError:
             for _, job in jobs:
                 self.loop.cancel(job)
             raise
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(jobs) != 1:
                 for _, job in jobs:
@@ -268,7 +303,7 @@ class _Handlers:
             return _sse(self._completion_stream(req, jobs[0], rid, created), jobs[0][1], self.loop)
         choices, total_prompt, outs_all = [], 0, []
         for p_index, (prompt, job) in enumerate(jobs):
-            outs = await _collect(job, self.loop)
+            outs = await _collect(job, self.loop, request)
             total_prompt += len(prompt)
             outs_all += outs
             for j, (text, tokens, lps, reason) in enumerate(outs):
@@ -322,6 +357,18 @@ class _Handlers:
                                    "total_tokens": len(prompt) + sum(counts)})
 
 
+def _longest_token_bytes(tokenizer) -> int:
+    """A prompt of C characters needs at least C / this many tokens (a character is >= 1 byte)."""
+    return max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))
+
+
+def _layout(engine: Engine) -> str:
+    p = next(engine.model.parameters())
+    return (f"engine: device {p.device}, dtype {str(p.dtype).removeprefix('torch.')}, max batch {engine.max_batch}, "
+            f"context {engine.max_len} tokens, compile {'on' if engine.compile else 'off'}; one engine thread "
+            f"(torch threads {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}), one event loop")
+
+
 def _reason(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
@@ -331,17 +378,36 @@ def _usage(prompt_tokens: int, outs) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-async def _collect(job, loop_engine: AsyncEngine):
-    """Wait for every sequence of a job -> [(text, token_ids, logprobs, finish_reason)] by index."""
+async def _collect(job, loop_engine: AsyncEngine, request: Request):
+    """Wait for every sequence of a job -> [(text, token_ids, logprobs, finish_reason)] by index.
+    A client that hangs up meanwhile aborts the job, as a stream's does (StreamingResponse watches)."""
     texts = [[] for _ in job.requests]
-    try:
+
+    async def gather():
         async for i, d in job.deltas():
             texts[i].append(d.text)
+
+    collecting, hung_up = asyncio.ensure_future(gather()), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([collecting, hung_up], return_when=asyncio.FIRST_COMPLETED)
+        if not collecting.done():
+            raise APIError(499, "the client closed the connection", code="client_closed")  # nobody reads it
+        collecting.result()
     except EngineStopped as e:
         raise APIError(503, str(e), type_="server_error", code="unavailable") from None
+    except RequestFailed as e:
+        raise APIError(500, str(e), type_="server_error", code="generation_failed") from None
     finally:
+        collecting.cancel()
+        hung_up.cancel()
         loop_engine.cancel(job)  # no-op when finished; frees rows when the client went away
     return [("".join(t), r.output, r.logprobs, r.finish_reason) for t, r in zip(texts, job.requests)]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body is already read: only http.disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(chunks, job, loop_engine: AsyncEngine) -> StreamingResponse:
@@ -349,8 +415,9 @@ def _sse(chunks, job, loop_engine: AsyncEngine) -> StreamingResponse:
         try:
             async for c in chunks:
                 yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
-        except EngineStopped as e:
-            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "unavailable"}}
+        except (EngineStopped, RequestFailed) as e:
+            code = "unavailable" if isinstance(e, EngineStopped) else "generation_failed"
+            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": code}}
             yield f"data: {json.dumps(err)}\n\n"
         finally:
             loop_engine.cancel(job)
@@ -359,13 +426,59 @@ def _sse(chunks, job, loop_engine: AsyncEngine) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head. uvicorn closes idle keep-alive
+    connections, but not one that sent part of a request line and went quiet: enough of those hold
+    every file descriptor (slowloris). The clock starts at the connection's (or the next request's)
+    first byte and is not reset by more bytes; a whole head stops it."""
+
+    def __init__(self, *args, header_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is None or self.cycle.response_complete:  # still waiting for a whole head
+            self._arm()
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.header_deadline is None:
+            self.header_deadline = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+            self.header_deadline = None
+
+    def _expire(self) -> None:
+        self.header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app, host: str, port: int, header_timeout: float = HEADER_TIMEOUT, **kwargs):
+    import uvicorn
+
+    http = functools.partial(_H11WithHeaderTimeout, header_timeout=header_timeout)
+    return uvicorn.Config(app, host=host, port=port, http=http, log_level="warning", **kwargs)
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 from a background thread (tests, benchmarks, the web demo's
     self-check); `with ServerThread(app) as url:` stops it on exit."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
-
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT):
         import uvicorn
 
         if port == 0:
@@ -373,7 +486,7 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout))
         self.thread = None
 
     def __enter__(self) -> str:
@@ -395,31 +508,64 @@ class ServerThread:
 
 
 def run(args) -> int:
-    """`minimind serve`: load the checkpoint, then serve until Ctrl-C / SIGTERM."""
+    """`minimind serve`: take the port, load the checkpoint, then serve until Ctrl-C / SIGTERM."""
     import uvicorn
 
     from minimind.checkpoint import CheckpointError
 
+    _log_to_stderr()
+    try:  # before the checkpoint loads: a busy port fails in a second, not after the model is up
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        print(f"minimind serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
                                         max_batch=args.max_batch, max_len=getattr(args, "max_len", None),
                                         compile=getattr(args, "compile", False))
     except (CheckpointError, OSError, ValueError) as e:
+        sock.close()
         print(f"minimind serve: {e}", file=sys.stderr)
         return 2
     name = args.model_name or run_name(args.ckpt)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, timeout_graceful_shutdown=10,
+                                           header_timeout=getattr(args, "header_timeout", HEADER_TIMEOUT)))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
     # was there before it; ours makes that a normal exit (status 0) instead of death by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_zero)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+        server.run(sockets=[sock])
     except SystemExit:
         pass
+    if not server.started:  # uvicorn logged why (e.g. the app's startup failed)
+        print("minimind serve: the server failed to start", file=sys.stderr, flush=True)
+        return 1
     print("minimind serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn, as uvicorn binds its own (IPv6 when the host has a colon)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _log_to_stderr() -> None:
+    """The `infer` loggers (per-request lines, throughput, the engine's layout) to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("infer")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _exit_zero(signum, frame):

@@ -100,11 +100,17 @@ def sidebar() -> tuple[dict, str]:
     return sampling, system
 
 
+def visible_reasoning(reasoning: str | None) -> str | None:
+    """What goes in the "Thinking" box, None for no box: a model that does not reason (or emits an
+    empty `<think>\n\n</think>`, as Qwen3 does with thinking off) gets no box at all."""
+    return (reasoning or "").strip() or None
+
+
 def show(message: dict) -> None:
     with st.chat_message(message["role"]):
-        if message.get("reasoning"):
+        if thinking := visible_reasoning(message.get("reasoning")):
             with st.expander("Thinking", expanded=False):
-                st.markdown(message["reasoning"])
+                st.markdown(thinking)
         st.markdown(message["content"])
 
 
@@ -115,18 +121,17 @@ def reply(args, history: list[dict], sampling: dict, system: str) -> dict:
     source = stream_api(args, messages, sampling) if args.api else stream_local(args, messages, sampling)
     reasoning, content = "", ""
     with st.chat_message("assistant"):
-        think_box = st.expander("Thinking", expanded=True)
-        think_text = think_box.empty()
-        answer = st.empty()
+        think_slot, answer = st.empty(), st.empty()  # the box appears above the answer, once there is reasoning
+        think_text = None
         for r, c in source:
             reasoning, content = reasoning + r, content + c
-            if r:
-                think_text.markdown(reasoning)
+            if r and (thinking := visible_reasoning(reasoning)):
+                if think_text is None:
+                    think_text = think_slot.expander("Thinking", expanded=True).empty()
+                think_text.markdown(thinking)
             if c:
                 answer.markdown(content + " ▌")
         answer.markdown(content)
-        if not reasoning:
-            think_text.caption("(no reasoning)")
     return {"role": "assistant", "content": content, "reasoning": reasoning}
 
 

@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", metavar="ID")
     p.add_argument("--max-batch", type=positive_int, default=32)
     p.add_argument("--max-queue", type=positive_int, default=256)
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a whole request head in this time")
     _engine_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate a model")

@@ -173,3 +173,25 @@ def test_real_browser_sends_a_message_and_sees_the_streamed_reply(scripted, tmp_
                 p.kill()
                 p.wait()
     assert os.path.exists(tmp_path / "web_demo.png")
+
+
+def test_no_thinking_box_without_reasoning(tokenizer_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("web_demo", APP)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.visible_reasoning("") is None and demo.visible_reasoning(None) is None
+    assert demo.visible_reasoning("\n\n") is None  # Qwen3's empty <think>\n\n</think> with thinking off
+    assert demo.visible_reasoning(" hm\n") == "hm"
+    plain = scripted_checkpoint(tmp_path / "plain", tokenizer_dir, reply="Hello there!")
+    monkeypatch.setenv("MINIMIND_WEB_CKPT", str(plain))
+    monkeypatch.delenv("MINIMIND_WEB_API", raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.chat_input[0].set_value("hello").run()
+    at.chat_input[0].set_value("again").run()  # the first reply is now drawn from history by show()
+    assert not at.exception
+    turns = _assistant_turns(at)
+    assert [t.markdown[-1].value for t in turns] == ["Hello there!"] * 2
+    assert all(len(t.expander) == 0 for t in turns) and not any("no reasoning" in c.value for c in at.caption)
