@@ -32,7 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from minimind.data.fastbpe import load_fast
-from minimind.data.tokenizer import IM_END, IM_START, PAD, TAGS, ChatRenderer, lone_surrogate, tokenizer_fingerprint
+from minimind.data.tokenizer import (
+    IM_END,
+    IM_START,
+    PAD,
+    TAGS,
+    ChatRenderer,
+    TokenizerError,
+    lone_surrogate,
+    read_tokenizer,
+    tokenizer_fingerprint,
+)
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
@@ -60,10 +70,8 @@ def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fa
 
 class _Encoder:
     def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True):
-        from tokenizers import Tokenizer
-
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
-        self.tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+        self.tok = read_tokenizer(tokenizer)
         self.fast, self.why_slow = load_fast(tokenizer) if fast else (None, "disabled")
         self.render = ChatRenderer(tokenizer) if stage != "pretrain" else None
         self.eos = self.tok.token_to_id(PAD)
@@ -451,7 +459,10 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
     _check_args(stage, input, tokenizer, out, max_seq_len, workers)
     settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast),
                 "skip_bad": skip_bad}
-    enc = _encoder(*settings["encoder"])
+    try:
+        enc = _encoder(*settings["encoder"])
+    except TokenizerError as e:  # "DIR/tokenizer.json: not a valid tokenizer: ..."
+        raise PrepareError(str(e)) from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -481,6 +492,13 @@ def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int
         raise PrepareError(f"{tokenizer}: not a tokenizer directory (no tokenizer.json)")
     if max_seq_len < 8 or workers < 1:
         raise PrepareError(f"--max-seq-len must be >= 8 and --workers >= 1, got {max_seq_len} and {workers}")
+    target = out.resolve()
+    for flag, path in (("--input", input), ("--tokenizer", tokenizer)):
+        if target == path.resolve() or target in path.resolve().parents:  # replacing --out would delete it
+            how = "is" if target == path.resolve() else "contains"
+            raise PrepareError(f"--out {out}: {how} {flag} {path}; pick another directory")
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise PrepareError(f"{out}: exists, is not empty and is not prepared data; refusing to overwrite it")
 

@@ -431,11 +431,16 @@ def _count(name: str, scale: float) -> int:
     return max(minimum, round(base * scale))
 
 
-def write_corpus(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
-    """Writes the seven files of SPEC §2 `synth` into `out`; returns {name: path}. Deterministic for (seed, scale)."""
+def write_corpus(out: Path, seed: int = 0, scale: float = 1.0, force: bool = False) -> dict[str, Path]:
+    """Writes the seven files of SPEC §2 `synth` into `out`; returns {name: path}. Deterministic for (seed, scale).
+
+    A non-empty `out` is refused unless `force`, which overwrites the seven files in it.
+    """
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out}: directory is not empty; pass --force to overwrite its files")
     out.mkdir(parents=True, exist_ok=True)
     world = make_world(seed)
     paths = {}
@@ -456,9 +461,9 @@ def write_corpus(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path
 
 
 def run(args) -> int:
-    """`minimind synth --out DIR [--seed N] [--scale S]`."""
+    """`minimind synth --out DIR [--seed N] [--scale S] [--force]`."""
     try:
-        paths = write_corpus(args.out, seed=args.seed, scale=args.scale)
+        paths = write_corpus(args.out, seed=args.seed, scale=args.scale, force=args.force)
     except (ValueError, OSError) as e:
         print(f"minimind synth: {e}", file=sys.stderr)
         return 2

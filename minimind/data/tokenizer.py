@@ -19,6 +19,10 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 SPECIAL = (PAD, IM_START, IM_END)
+# Longest piece of text the BPE trainer sees. Its time grows with the square of a word's length (a
+# 200k-character line without spaces took 26 s; 1M did not finish), so longer texts are cut: at 1024,
+# 10M characters on one line train about as fast as the same text in 100-character lines.
+MAX_PIECE_CHARS = 1024
 
 # ChatML; `reasoning_content` renders as <think>\n...\n</think>\n before the content (SPEC §3).
 CHAT_TEMPLATE = (
@@ -35,7 +39,7 @@ CHAT_TEMPLATE = (
 
 
 class TokenizerError(ValueError):
-    pass
+    """A tokenizer that cannot be trained, written or loaded; the message names the file or flag."""
 
 
 def _iter_texts(files: list[Path]):
@@ -58,6 +62,19 @@ def _iter_texts(files: list[Path]):
                 yield from texts
 
 
+def bounded_pieces(text: str, max_len: int = MAX_PIECE_CHARS):
+    """`text` in consecutive pieces of at most `max_len` characters, cut before a space or newline in the
+    second half of the window where there is one (the byte-level pre-tokenizer starts a word there anyway)."""
+    start = 0
+    while len(text) - start > max_len:
+        end = start + max_len
+        cut = max(text.rfind(" ", start + max_len // 2, end), text.rfind("\n", start + max_len // 2, end))
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def lone_surrogate(raw: bytes, texts: list) -> str | None:
     """Why a jsonl line's strings are not valid Unicode, or None. JSON allows an escaped lone surrogate
     ("\\ud800"); nothing downstream can encode it. Only lines with such an escape pay for the check."""
@@ -72,12 +89,19 @@ def lone_surrogate(raw: bytes, texts: list) -> str | None:
     return None
 
 
-def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path) -> Path:
-    """Trains byte-level BPE on the jsonl `files` and writes a transformers-loadable directory `out`."""
+def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, force: bool = False) -> Path:
+    """Trains byte-level BPE on the jsonl `files` and writes a transformers-loadable directory `out`.
+
+    A non-empty `out` is refused unless `force`, which replaces the tokenizer files in it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL) + len(TAGS):
         raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus 7 special tokens")
+    files, out = [Path(f) for f in files], Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "holds a tokenizer" if (out / "tokenizer.json").exists() else "is not empty"
+        raise TokenizerError(f"--out {out}: {what}; pass --force to replace it")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,12 +111,22 @@ def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path) -> 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_iter_texts([Path(f) for f in files]), trainer=trainer)
+    texts = 0
+
+    def pieces():
+        nonlocal texts
+        for text in _iter_texts(files):
+            texts += bool(text)
+            yield from bounded_pieces(text)
+
+    tok.train_from_iterator(pieces(), trainer=trainer)
+    if texts == 0:
+        raise TokenizerError(f"{', '.join(map(str, files))}: no text to train on (empty, or no \"text\" or "
+                             "message content in any line)")
     spec = json.loads(tok.to_str())
     for added in spec["added_tokens"]:
         # tags are single tokens but ordinary text: decode(skip_special_tokens=True) keeps them
         added["special"] = added["content"] in SPECIAL
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), ensure_ascii=False, indent=2))
@@ -121,14 +155,31 @@ def _tokenizer_config(spec: dict) -> dict:
     }
 
 
+def read_tokenizer(path):
+    """`path`/tokenizer.json as a `tokenizers.Tokenizer`; TokenizerError names the file if it is not one."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise TokenizerError(f"{path}: not a tokenizer directory (no tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception: "EOF while parsing ...", "Model missing ..."
+        raise TokenizerError(f"{file}: not a valid tokenizer: {e}") from None
+
+
 def load_tokenizer(path):
     """A `PreTrainedTokenizerFast` from a tokenizer directory (ours or MiniMind's published one)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise TokenizerError(f"{path}: not a tokenizer directory (no tokenizer.json)")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    read_tokenizer(path)  # a named error for a broken tokenizer.json, not transformers' KeyError or bare Exception
+    try:
+        # an empty config: else AutoTokenizer parses a checkpoint's config.json, which is ours, not a
+        # transformers config (and warns about its `rope_scaling` on every load)
+        tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig())
+    except (KeyError, TypeError, ValueError) as e:  # a broken tokenizer_config.json
+        raise TokenizerError(f"{path}: not a valid tokenizer: {type(e).__name__}: {e}") from None
     if tok.chat_template is None:
         raise TokenizerError(f"{path}: the tokenizer has no chat_template")
     return tok
@@ -166,7 +217,11 @@ class ChatRenderer:
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        file = Path(tokenizer_dir) / "tokenizer_config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{file}: not a valid tokenizer config: {e}") from None
         template = config.get("chat_template")
         jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
         if template is None and jinja_file.is_file():
@@ -236,7 +291,7 @@ def _raise_template_error(message):
 def run(args) -> int:
     """`minimind tokenizer --input FILE... --vocab-size N --out DIR`."""
     try:
-        out = train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out)
+        out = train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out, force=args.force)
     except (TokenizerError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         print(f"minimind tokenizer: {e}", file=sys.stderr)
         return 2

@@ -50,8 +50,9 @@ def run(args) -> int:
 def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Path:
     """Export checkpoint (or run dir) `ckpt` to `out`; returns `out`."""
     out = Path(out)
-    _check_out_dir(out, force)
     src = resolve_checkpoint(ckpt)
+    _check_apart(out, _inputs(ckpt, src))
+    _check_out_dir(out, force)
     if lora_format not in ("merged", "peft"):
         raise ExportError(f"--lora-format {lora_format!r}: expected merged or peft")
     if lora_format == "peft":
@@ -62,6 +63,25 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
     strip_lora(model)  # merged adapters become plain Linears: stock names only
     tokenizer = tokenizer_dir_of(src)
     return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
+
+
+def _inputs(ckpt, src: Path) -> list[Path]:
+    """The directories export reads: --ckpt as given, the checkpoint it resolves to, a LoRA's base."""
+    inputs = [Path(ckpt), src]
+    if is_lora_checkpoint(src):
+        base = Path(read_adapter_config(src)["base_checkpoint"])
+        inputs += [base, resolve_checkpoint(base)]
+    return inputs
+
+
+def _check_apart(out: Path, inputs: list[Path]) -> None:
+    """--out must not be, contain or sit inside an input: replacing it (even with --force) would destroy that."""
+    target = out.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            how = "is" if target == src else "is inside" if src in target.parents else "contains"
+            raise ExportError(f"--out {out}: {how} {path}, which this export reads; pick a directory outside it")
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
