@@ -227,3 +227,13 @@ def _load_full(ckpt: Path, device, kernels):
         model = MiniMindForCausalLM(config, device=device)
     load_state_into(model, sd, ckpt / WEIGHTS_FILE)
     return model
+
+
+def load_error(e: Exception) -> str:
+    """The line of a failed `torch.load(weights_only=True)` that says why (torch's message runs to a
+    paragraph of advice, ending with the offending global)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.removeprefix("WeightsUnpickler error: ")
+    return lines[0] if lines else type(e).__name__

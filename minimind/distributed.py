@@ -105,3 +105,37 @@ def deepspeed_engine(trainer):
     engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=ds,
                                            dist_init_required=False)
     return engine
+
+
+# What DeepSpeed's checkpoints pickle besides tensors and containers (ZeRO 1/2/3, deepspeed 0.18)
+DEEPSPEED_STATE_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def vet_deepspeed_state(ds_dir) -> None:
+    """DeepSpeed's `load_checkpoint` unpickles its files with `weights_only=False`, so a crafted file
+    would run code. Each file is first read with torch's weights-only unpickler, allowing only the
+    classes DeepSpeed itself writes; a file holding anything else is refused before DeepSpeed opens it.
+    Raises ValueError naming the file."""
+    import importlib
+    import pickle
+    from pathlib import Path
+
+    allowed = []
+    for name in DEEPSPEED_STATE_CLASSES:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed.append(getattr(importlib.import_module(module), attr))
+    for file in sorted(Path(ds_dir).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+            from minimind.checkpoint import load_error
+
+            raise ValueError(f"{file}: refused, it holds more than DeepSpeed's state ({load_error(e)}); "
+                             "cannot resume") from None

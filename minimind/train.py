@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, resolve_checkpoint
+from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_error, resolve_checkpoint
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.trainlog import RunLog
 
@@ -521,7 +521,14 @@ class Trainer:
             opt = None if ds_dir.exists() else torch.load(state_dir / "optimizer.pt", map_location=self.device,
                                                           weights_only=True)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise CheckpointError(f"{state_dir / 'optimizer.pt'}: cannot resume from it ({e})") from None
+            raise CheckpointError(f"{state_dir / 'optimizer.pt'}: cannot resume from it ({load_error(e)})") from None
+        if ds_dir.exists():
+            from minimind.distributed import vet_deepspeed_state
+
+            try:
+                vet_deepspeed_state(ds_dir)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
         rng = _read_rng_state(state_dir)
         self.setup.load_weights(ckpt)
         if opt is not None:

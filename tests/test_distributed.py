@@ -114,8 +114,24 @@ def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29731",
            str(ROOT / "train.py"), "--stage", "pretrain", *ARGS[:-6], "--max-steps", "20", "--lr", "3e-3",
            "--batch-size", "4", "--data", str(prepared["pretrain"]), "--out", str(tmp_path / "ds"),
-           "--deepspeed", str(cfg)]
+           "--deepspeed", str(cfg), "--save-every", "10", "--keep", "5"]
     run(cmd, timeout=900)
     ls = losses(tmp_path / "ds")
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.5, ls
     assert (tmp_path / "ds" / "step-20" / "model.safetensors").exists()
+
+    # resume: DeepSpeed unpickles its own files with weights_only=False, so the trainer vets them first
+    crafted = Path(shutil.copytree(tmp_path / "ds", tmp_path / "crafted"))
+    marker = tmp_path / "pwned"
+    shard = crafted / "step-20" / "trainer_state" / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert shard.exists()
+    payload = f"import os, torch\nclass P:\n    def __reduce__(self): return os.system, ('touch {marker}',)\n" \
+              f"torch.save({{'optimizer_state_dict': P()}}, {str(shard)!r})\n"
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    more = [*cmd, "--max-steps", "22", "--resume"]  # the last --max-steps wins
+    with pytest.raises(AssertionError, match="refused, it holds more than DeepSpeed's state"):
+        run([a if a != str(tmp_path / "ds") else str(crafted) for a in more], timeout=900)
+    assert not marker.exists(), "resume ran code planted in a DeepSpeed shard"
+    run(more, timeout=900)
+    assert (tmp_path / "ds" / "step-22" / "model.safetensors").exists()
+    assert len(losses(tmp_path / "ds")) == 22
