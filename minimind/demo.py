@@ -1,4 +1,4 @@
-"""`make demo`: the whole pipeline on built-in synthetic data, in a few minutes on 2 CPU cores.
+"""`make demo`: the whole pipeline on built-in synthetic data: 6-11 minutes on 2 CPU cores (BENCHMARKS.md).
 
 synth corpus -> BPE tokenizer -> prepared data -> pretrain -> SFT -> three chat replies from the SFT
 model, with each run's loss curve (loss.png) and the command that serves the result.
