@@ -122,12 +122,13 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         from minimind.checkpoint import load_checkpoint
 
         model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, dtype=dtype, lora=lora)
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(ckpt_dir))
+        # an empty config: our config.json is not transformers' (it would warn about rope_scaling)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(ckpt_dir), config=PretrainedConfig())
         return cls(model, tokenizer, **kwargs)
 
     @staticmethod

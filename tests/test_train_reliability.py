@@ -266,3 +266,18 @@ def test_pickle_payload_helper_really_runs_code(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.exists()
+
+
+def test_loading_a_checkpoint_does_not_warn_about_rope_scaling(tiny_ckpt):
+    import warnings
+
+    from infer.engine import Engine
+    from minimind.checkpoint import load_checkpoint
+    from minimind.data.tokenizer import load_tokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(tiny_ckpt)
+        load_tokenizer(tiny_ckpt)
+        Engine.from_checkpoint(tiny_ckpt)
+    assert not [w for w in caught if "rope_scaling" in str(w.message)], [str(w.message) for w in caught]

@@ -64,7 +64,7 @@ class MiniMindLM(LM):
     def __init__(self, ckpt=None, model=None, tokenizer=None, device="auto", dtype=None, batch_size=16,
                  max_len=None, **_lm_eval_extras):
         super().__init__()
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         from minimind.interop.export import tokenizer_dir_of
 
@@ -77,7 +77,7 @@ class MiniMindLM(LM):
             tok_dir = tokenizer_dir_of(resolve_checkpoint(ckpt)) if ckpt is not None else None
             if tok_dir is None:
                 raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json")
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, config=PretrainedConfig())  # ours is not HF's
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_len = int(max_len or model.config.max_position_embeddings)
