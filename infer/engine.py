@@ -433,8 +433,7 @@ def _tokenizer_dir(ckpt_dir):
     """A LoRA checkpoint may not carry tokenizer files; its base checkpoint does."""
     from pathlib import Path
 
-    from minimind.checkpoint import resolve_checkpoint
-    from minimind.lora import ADAPTER_CONFIG, read_adapter_config
+    from minimind.checkpoint import ADAPTER_CONFIG, read_adapter_config, resolve_checkpoint
 
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "tokenizer.json").exists() or not (ckpt_dir / ADAPTER_CONFIG).exists():

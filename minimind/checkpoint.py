@@ -5,6 +5,7 @@ a killed process never leaves a half-written directory under a valid name. Loadi
 file it reads and names the file and the problem when something is wrong.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minimind.config import ModelConfig
+from minimind.lora import apply_lora, lora_state_dict, merge_lora
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +32,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# a LoRA checkpoint: the adapter alone, with the path and fingerprint of its base checkpoint
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 class CheckpointError(Exception):
@@ -133,14 +138,10 @@ def resolve_checkpoint(path) -> Path:
 
 
 def is_lora_checkpoint(path) -> bool:
-    from minimind.lora import ADAPTER_CONFIG
-
     return (Path(path) / ADAPTER_CONFIG).exists() and not (Path(path) / CONFIG_FILE).exists()
 
 
 def _complete(p: Path) -> bool:
-    from minimind.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
         (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
     )
@@ -201,8 +202,6 @@ def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch
     A LoRA checkpoint loads its base checkpoint (path recorded in the adapter) plus the adapter;
     `lora=DIR` puts an adapter on top of a full checkpoint. Adapters are merged unless told not to.
     """
-    from minimind.lora import load_adapter, read_adapter_config
-
     ckpt = resolve_checkpoint(path)
     if is_lora_checkpoint(ckpt):
         lora, ckpt = ckpt, resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"])
@@ -237,3 +236,74 @@ def load_error(e: Exception) -> str:
         if "Unsupported global" in line or "GLOBAL" in line:
             return line.removeprefix("WeightsUnpickler error: ")
     return lines[0] if lines else type(e).__name__
+
+
+# ----------------------------------------------------------------- LoRA adapters
+def fingerprint_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_adapter(dir_: Path, model: torch.nn.Module, base_ckpt: Path, targets, rank: int, alpha: float,
+                  dropout: float) -> None:
+    """Write adapter files into an existing (temporary) directory; see checkpoint.atomic_dir."""
+    base_ckpt = Path(base_ckpt).resolve()
+    config = {
+        "format": "minimind-lora",
+        "base_checkpoint": str(base_ckpt),
+        "base_fingerprint": fingerprint_file(base_ckpt / WEIGHTS_FILE),
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "targets": list(targets),
+    }
+    (Path(dir_) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(lora_state_dict(model), Path(dir_) / ADAPTER_WEIGHTS)
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    file = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing (not a LoRA adapter directory)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    for key in ("base_checkpoint", "rank", "alpha", "targets"):
+        if key not in cfg:
+            raise CheckpointError(f"{file}: field {key!r} missing")
+    return cfg
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir, base_ckpt=None, merge: bool = False) -> dict:
+    """Attach the adapter in adapter_dir to `model` (built from its base checkpoint) and load it.
+
+    When base_ckpt is given, its weights must have the fingerprint recorded in the adapter.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    if base_ckpt is not None and "base_fingerprint" in cfg:
+        got = fingerprint_file(Path(base_ckpt) / WEIGHTS_FILE)
+        if got != cfg["base_fingerprint"]:
+            raise CheckpointError(
+                f"{Path(adapter_dir) / ADAPTER_CONFIG}: adapter was trained on a different base "
+                f"(fingerprint {cfg['base_fingerprint'][:12]}), {base_ckpt} has {got[:12]}"
+            )
+    apply_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"])
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        sd = load_file(file)
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise CheckpointError(f"{file}: missing, truncated or corrupt ({e})") from None
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: adapter does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    model.load_state_dict(sd, strict=False)
+    if merge:
+        merge_lora(model)
+    return cfg

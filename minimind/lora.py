@@ -3,25 +3,18 @@
 `LoRALinear` subclasses the model's Linear and keeps the base weight at the same name, so a model with
 adapters still loads and saves its base tensors unchanged; the adapter adds `lora_A` (r, in) and
 `lora_B` (out, r), scaled by alpha / r. B starts at zero, so a fresh adapter changes nothing.
-A LoRA checkpoint is a directory with `adapter_config.json` (rank, alpha, targets, and the path and
-fingerprint of the base checkpoint) and `adapter.safetensors`.
+Layers only: a LoRA checkpoint's files (adapter_config.json, adapter.safetensors) are checkpoint.py's.
 """
 
-import hashlib
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from minimind.linear import Linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 class LoRALinear(Linear):
@@ -108,79 +101,3 @@ def strip_lora(model: nn.Module) -> nn.Module:
                 plain.weight, plain.bias = child.weight, child.bias
                 setattr(module, child_name, plain)
     return model
-
-
-def fingerprint_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_adapter(dir_: Path, model: nn.Module, base_ckpt: Path, targets, rank: int, alpha: float,
-                  dropout: float) -> None:
-    """Write adapter files into an existing (temporary) directory; see checkpoint.atomic_dir."""
-    from minimind.checkpoint import WEIGHTS_FILE
-
-    base_ckpt = Path(base_ckpt).resolve()
-    config = {
-        "format": "minimind-lora",
-        "base_checkpoint": str(base_ckpt),
-        "base_fingerprint": fingerprint_file(base_ckpt / WEIGHTS_FILE),
-        "rank": rank,
-        "alpha": alpha,
-        "dropout": dropout,
-        "targets": list(targets),
-    }
-    (Path(dir_) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(lora_state_dict(model), Path(dir_) / ADAPTER_WEIGHTS)
-
-
-def read_adapter_config(adapter_dir) -> dict:
-    from minimind.checkpoint import CheckpointError
-
-    file = Path(adapter_dir) / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing (not a LoRA adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    for key in ("base_checkpoint", "rank", "alpha", "targets"):
-        if key not in cfg:
-            raise CheckpointError(f"{file}: field {key!r} missing")
-    return cfg
-
-
-def load_adapter(model: nn.Module, adapter_dir, base_ckpt=None, merge: bool = False) -> dict:
-    """Attach the adapter in adapter_dir to `model` (built from its base checkpoint) and load it.
-
-    When base_ckpt is given, its weights must have the fingerprint recorded in the adapter.
-    """
-    from minimind.checkpoint import WEIGHTS_FILE, CheckpointError
-
-    cfg = read_adapter_config(adapter_dir)
-    if base_ckpt is not None and "base_fingerprint" in cfg:
-        got = fingerprint_file(Path(base_ckpt) / WEIGHTS_FILE)
-        if got != cfg["base_fingerprint"]:
-            raise CheckpointError(
-                f"{Path(adapter_dir) / ADAPTER_CONFIG}: adapter was trained on a different base "
-                f"(fingerprint {cfg['base_fingerprint'][:12]}), {base_ckpt} has {got[:12]}"
-            )
-    apply_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"])
-    file = Path(adapter_dir) / ADAPTER_WEIGHTS
-    try:
-        sd = load_file(file)
-    except Exception as e:  # safetensors raises several types for truncated files
-        raise CheckpointError(f"{file}: missing, truncated or corrupt ({e})") from None
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file}: adapter does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
-    model.load_state_dict(sd, strict=False)
-    if merge:
-        merge_lora(model)
-    return cfg

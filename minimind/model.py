@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from minimind.config import ModelConfig
 from minimind.kernels.dispatch import Ops, get_ops
 from minimind.linear import Linear
+from minimind.mlp import MLP
+from minimind.moe import MoEFeedForward
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -142,20 +144,6 @@ def _flash_ok(q) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops):
-        super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(d, f, bias=False)
-        self.up_proj = Linear(d, f, bias=False)
-        self.down_proj = Linear(f, d, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-        self.ops = ops
-
-    def forward(self, x):
-        return self.dropout(self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x))))
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, layer: int):
         super().__init__()
@@ -163,8 +151,6 @@ class Block(nn.Module):
         self.self_attn = Attention(config, ops, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         if config.use_moe:
-            from minimind.moe import MoEFeedForward
-
             self.mlp = MoEFeedForward(config, ops)
         else:
             self.mlp = MLP(config, ops)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from minimind.config import ModelConfig
 from minimind.kernels.dispatch import Ops
+from minimind.mlp import MLP
 
 
 class Experts(nn.Module):
@@ -27,8 +28,6 @@ class Experts(nn.Module):
 class MoEFeedForward(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops):
         super().__init__()
-        from minimind.model import MLP
-
         self.config = config
         self.gate = nn.Linear(config.hidden_size, config.n_routed_experts, bias=False)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.intermediate_size)

@@ -140,7 +140,7 @@ class Setup:
 
     def write_weights(self, tmp: Path):
         if self.stage == "lora":
-            from minimind.lora import write_adapter
+            from minimind.checkpoint import write_adapter
 
             write_adapter(tmp, self.model, self.base_ckpt, self.lora_targets, self.cfg["lora_rank"],
                           self.cfg["lora_alpha"], 0.0)
@@ -151,7 +151,7 @@ class Setup:
         if self.stage == "lora":
             from safetensors.torch import load_file
 
-            from minimind.lora import ADAPTER_WEIGHTS
+            from minimind.checkpoint import ADAPTER_WEIGHTS
 
             self.model.load_state_dict(load_file(ckpt / ADAPTER_WEIGHTS, device=str(self.device)), strict=False)
             return
@@ -349,7 +349,7 @@ def _meta(data_dir: Path) -> dict:
 
 
 def _lora_base(ckpt: Path):
-    from minimind.lora import ADAPTER_CONFIG
+    from minimind.checkpoint import ADAPTER_CONFIG
 
     cfg = Path(ckpt) / ADAPTER_CONFIG
     if cfg.exists():

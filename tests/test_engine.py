@@ -245,8 +245,8 @@ def test_chat_encoding_uses_the_template(model, tokenizer):
 
 
 def test_lora_adapter_from_its_directory_and_on_a_live_unmerged_policy(tokenizer_dir, tmp_path):
-    from minimind.checkpoint import save_checkpoint
-    from minimind.lora import apply_lora, write_adapter
+    from minimind.checkpoint import save_checkpoint, write_adapter
+    from minimind.lora import apply_lora
 
     base = save_checkpoint(tmp_path / "base", make_model(), tokenizer_dir=tokenizer_dir)
     policy = make_model()

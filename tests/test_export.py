@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
-from minimind.checkpoint import atomic_dir, save_checkpoint
+from minimind.checkpoint import atomic_dir, save_checkpoint, write_adapter
 from minimind.cli import main
 from minimind.config import PRESETS, ModelConfig
 from minimind.interop.export import export_hf
-from minimind.lora import apply_lora, write_adapter
+from minimind.lora import apply_lora
 from minimind.model import MiniMindForCausalLM
 from tests.conftest import ROOT
 

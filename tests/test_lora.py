@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minimind.checkpoint import CheckpointError, atomic_dir, load_checkpoint, save_checkpoint
+from minimind.checkpoint import CheckpointError, atomic_dir, load_checkpoint, save_checkpoint, write_adapter
 from minimind.config import ModelConfig
 from minimind.lora import (
     LoRALinear,
@@ -12,7 +12,6 @@ from minimind.lora import (
     merge_lora,
     strip_lora,
     unmerge_lora,
-    write_adapter,
 )
 from minimind.model import MiniMindForCausalLM
 

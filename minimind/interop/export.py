@@ -17,16 +17,18 @@ import torch
 from safetensors.torch import save_file
 
 from minimind.checkpoint import (
+    ADAPTER_WEIGHTS,
     CheckpointError,
     atomic_dir,
     copy_tokenizer,
     is_lora_checkpoint,
     load_checkpoint,
+    read_adapter_config,
     resolve_checkpoint,
     state_dict_for_save,
 )
 from minimind.config import ModelConfig
-from minimind.lora import ADAPTER_WEIGHTS, read_adapter_config, strip_lora
+from minimind.lora import strip_lora
 
 HF_MOE_DIR = Path(__file__).parent / "hf_moe"
 MOE_FILES = ("configuration_minimind_moe.py", "modeling_minimind_moe.py")
