@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
-KERNELS = ("auto", "torch", "triton", "liger")
+from minimind.choices import DEVICES, DTYPES, KERNELS
+from minimind.recipes import DATA_KINDS, STAGE_NAMES
 
 HANDLERS = {
     "synth": "minimind.data.synth:run",
@@ -74,7 +74,7 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of SPEC §5; None means 'the stage's default'."""
-    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--stage", required=True, choices=STAGE_NAMES)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PRESET", help="start from a fresh preset (tiny, small, base, moe)")
     src.add_argument("--init", type=existing_path, metavar="CKPT", help="start from a checkpoint or run dir")
@@ -96,8 +96,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--kernels", choices=KERNELS)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -143,8 +143,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as saved (float32)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, help="default: as saved (float32)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
 
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing tokenizer in --out")
 
     p = sub.add_parser("prepare", help="tokenize jsonl into memory-mapped training data")
-    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--stage", required=True, choices=DATA_KINDS)
     p.add_argument("--input", type=existing_path, required=True, metavar="FILE.jsonl")
     p.add_argument("--tokenizer", type=existing_path, required=True, metavar="DIR")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")

@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 import torch
 
+from minimind.data.loader import open_prepared
+from minimind.errors import UsageError
 from minimind.linear import drop_packed
-from minimind.stages import Setup, _meta
+from minimind.stages import Setup
 
 _NUMBER = re.compile(r"-?\d+")
 _FORMAT = re.compile(r"^\s*<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*$", re.S)
@@ -105,10 +107,8 @@ class GRPOSetup(Setup):
         return GRPO(beta=self.cfg["beta"] if self.cfg["beta"] is not None else 0.04)
 
     def _check_data(self, data_dir):
-        if _meta(data_dir).get("stage") != "grpo":
-            from minimind.train import UsageError
-
-            raise UsageError(f"--data {data_dir} was prepared for stage {_meta(data_dir).get('stage')!r}; "
+        if open_prepared(data_dir).meta.get("stage") != "grpo":
+            raise UsageError(f"--data {data_dir} was prepared for stage {open_prepared(data_dir).meta.get('stage')!r}; "
                              "--stage grpo needs data prepared as grpo (rlaif prompts)")
 
     def next_batch(self):

@@ -1,5 +1,6 @@
 """What differs between training stages: the model (fresh, from --init, with adapters), the data, the
-objective and the trainable parameters. `build(trainer)` returns a `Setup` the one loop drives.
+objective and the trainable parameters. A `Setup` (or grpo.GRPOSetup, for stages whose batches are
+rollouts) is what the one loop in train.py drives; per-stage defaults are records in recipes.py.
 """
 
 import hashlib
@@ -18,12 +19,13 @@ from minimind.checkpoint import (
     write_model_files,
 )
 from minimind.config import ModelConfig
+from minimind.data.loader import open_prepared
+from minimind.errors import UsageError
 from minimind.model import MiniMindForCausalLM
+from minimind.recipes import STAGES
 
 
 def _usage(msg):
-    from minimind.train import UsageError
-
     return UsageError(msg)
 
 
@@ -209,8 +211,6 @@ class Setup:
         if self.tokenizer_dir is None:
             raise _usage(f"--data {path}: cannot prepare raw jsonl without a tokenizer (pass --tokenizer DIR)")
         from minimind.data.prepare import prepare
-        from minimind.train import STAGES
-
         st = path.stat()
         key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg["seq_len"],
                           STAGES[self.stage].data])
@@ -227,13 +227,11 @@ class Setup:
         return cache
 
     def _check_data(self, data_dir: Path):
-        from minimind.train import ACCEPTS
-
         meta = _meta(data_dir)
-        if meta.get("stage") not in ACCEPTS[self.stage]:
+        if meta.get("stage") not in STAGES[self.stage].accepts:
             raise _usage(
                 f"--data {data_dir} was prepared for stage {meta.get('stage')!r}; --stage {self.stage} needs "
-                f"data prepared as {' or '.join(sorted(ACCEPTS[self.stage]))}"
+                f"data prepared as {' or '.join(sorted(STAGES[self.stage].accepts))}"
             )
         if self.tokenizer_dir is not None and meta.get("tokenizer_fingerprint"):
             if meta["tokenizer_fingerprint"] != self._fingerprint():
@@ -343,8 +341,6 @@ def _read_run_json(file: Path) -> dict:
 
 
 def _meta(data_dir: Path) -> dict:
-    from minimind.data.loader import open_prepared
-
     return open_prepared(data_dir).meta
 
 
@@ -355,11 +351,3 @@ def _lora_base(ckpt: Path):
     if cfg.exists():
         return Path(json.loads(cfg.read_text())["base_checkpoint"])
     return None
-
-
-def build(trainer) -> Setup:
-    if trainer.stage == "grpo":
-        from minimind.grpo import GRPOSetup
-
-        return GRPOSetup(trainer)
-    return Setup(trainer)

@@ -5,7 +5,6 @@ clipping, schedule, logging, checkpoints and resume, each written once. Usage pr
 combinations, wrong data for the stage, mismatched checkpoints) raise UsageError -> exit 2.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -22,48 +21,10 @@ import numpy as np
 import torch
 
 from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_error, resolve_checkpoint
+from minimind.errors import TrainingDiverged, UsageError
+from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.trainlog import RunLog
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; reported as `train.py: error: ...`, exit 2."""
-
-
-class TrainingDiverged(Exception):
-    """A non-finite loss, gradient norm or weight: the run stops without saving it, exit 1."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageDefaults:
-    data: str  # which prepared-data stages this stage accepts (first = what a raw jsonl is prepared as)
-    lr: float
-    batch_size: int
-    seq_len: int
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    needs_init: bool = True
-
-
-STAGES = {
-    "pretrain": StageDefaults(data="pretrain", lr=5e-4, batch_size=16, seq_len=256, needs_init=False),
-    "sft": StageDefaults(data="sft", lr=2e-4, batch_size=16, seq_len=256),
-    "lora": StageDefaults(data="lora", lr=1e-3, batch_size=16, seq_len=256, weight_decay=0.0),
-    "dpo": StageDefaults(data="dpo", lr=1e-5, batch_size=8, seq_len=256, weight_decay=0.0, warmup_steps=0),
-    "distill": StageDefaults(data="distill", lr=2e-4, batch_size=16, seq_len=256),
-    "reason": StageDefaults(data="reason", lr=2e-4, batch_size=16, seq_len=256),
-    "grpo": StageDefaults(data="grpo", lr=5e-6, batch_size=4, seq_len=256, weight_decay=0.0, warmup_steps=0),
-}
-# prepared data a stage accepts: chat stages share the conversation format; reason needs tag weights
-ACCEPTS = {
-    "pretrain": {"pretrain"},
-    "sft": {"sft", "lora", "distill", "reason"},
-    "lora": {"sft", "lora", "distill", "reason"},
-    "distill": {"sft", "lora", "distill", "reason"},
-    "reason": {"reason"},
-    "dpo": {"dpo"},
-    "grpo": {"grpo"},
-}
 
 
 def run(args) -> int:
@@ -127,7 +88,7 @@ def resolve_args(args) -> dict:
     defaults = dict(
         lr=d.lr, batch_size=d.batch_size, seq_len=d.seq_len, weight_decay=d.weight_decay,
         warmup_steps=d.warmup_steps, grad_accum=1, grad_clip=1.0, log_every=10, save_every=500, keep=3,
-        beta=0.04 if args.stage == "grpo" else 0.1, temperature=1.5, alpha=0.5, lora_rank=8, lora_alpha=16.0,
+        beta=d.beta, temperature=1.5, alpha=0.5, lora_rank=8, lora_alpha=16.0,
         group_size=4, max_new_tokens=64,
         kernels="auto", eval_every=None,
     )
@@ -210,10 +171,13 @@ class Trainer:
             raise
 
     def _build(self):
-        from minimind import distributed, stages
+        from minimind import distributed
+        from minimind.grpo import GRPOSetup
+        from minimind.stages import Setup
 
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
-        self.setup = stages.build(self)  # model, tokenizer, loader, objective, trainable params
+        setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
+        self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
         self.model = self.setup.model
         self.engine = None  # deepspeed engine
         self.raw_model = self.model

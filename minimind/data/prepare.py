@@ -43,10 +43,11 @@ from minimind.data.tokenizer import (
     read_tokenizer,
     tokenizer_fingerprint,
 )
+from minimind.recipes import CHAT_DATA, DATA_KINDS
 
 FORMAT_VERSION = 1
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
-CHAT_STAGES = ("sft", "lora", "distill", "reason")
+STAGES = DATA_KINDS  # the data kinds of minimind.recipes
+CHAT_STAGES = tuple(sorted(CHAT_DATA))
 ROLES = ("system", "user", "assistant")
 BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish together on small files
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")

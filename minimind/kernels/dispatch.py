@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-IMPLEMENTATIONS = ("auto", "torch", "triton", "liger")
+from minimind.choices import KERNELS as IMPLEMENTATIONS  # one list of names, shared with the CLI
 
 # name -> module that defines `OPS: Ops`. Modules are imported only when asked for, so a machine
 # without triton (or liger-kernel) can still build a torch-path model.

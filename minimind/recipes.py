@@ -1,0 +1,39 @@
+"""The training stages as records: one `Stage` per name, read by the CLI (choices), `prepare` (data
+kinds), the loop (defaults, what data a stage accepts, whether its batches are rollouts).
+Nothing here imports the loop; adding a stage starts with a record here.
+"""
+
+import dataclasses
+
+CHAT_DATA = frozenset({"sft", "lora", "distill", "reason"})  # the conversation format, with assistant weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    data: str  # what a raw jsonl is prepared as for this stage
+    accepts: frozenset  # prepared data kinds this stage trains on
+    lr: float
+    batch_size: int
+    seq_len: int = 256
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    beta: float = 0.1  # DPO's and GRPO's KL weight
+    needs_init: bool = True  # starts from a checkpoint (every stage but pretrain)
+    rollouts: bool = False  # batches are sampled from the policy (GRPO), not read from data
+    packs_documents: bool = False  # pretrain rows are windows over one token stream
+
+
+STAGES = {s.name: s for s in (
+    Stage("pretrain", data="pretrain", accepts=frozenset({"pretrain"}), lr=5e-4, batch_size=16,
+          needs_init=False, packs_documents=True),
+    Stage("sft", data="sft", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
+    Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0),
+    Stage("dpo", data="dpo", accepts=frozenset({"dpo"}), lr=1e-5, batch_size=8, weight_decay=0.0, warmup_steps=0),
+    Stage("distill", data="distill", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
+    Stage("reason", data="reason", accepts=frozenset({"reason"}), lr=2e-4, batch_size=16),
+    Stage("grpo", data="grpo", accepts=frozenset({"grpo"}), lr=5e-6, batch_size=4, weight_decay=0.0,
+          warmup_steps=0, beta=0.04, rollouts=True),
+)}
+STAGE_NAMES = tuple(STAGES)
+DATA_KINDS = tuple(dict.fromkeys(s.data for s in STAGES.values()))  # what `minimind prepare --stage` takes
