@@ -124,11 +124,11 @@ class Engine:
     def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
         from transformers import AutoTokenizer, PretrainedConfig
 
-        from minimind.checkpoint import load_checkpoint
+        from minimind.checkpoint import load_checkpoint, tokenizer_dir
 
         model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, dtype=dtype, lora=lora)
         # an empty config: our config.json is not transformers' (it would warn about rope_scaling)
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(ckpt_dir), config=PretrainedConfig())
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(ckpt_dir) or ckpt_dir, config=PretrainedConfig())
         return cls(model, tokenizer, **kwargs)
 
     @staticmethod
@@ -427,15 +427,3 @@ class Engine:
 
 def _pad_rows(x, rows: int):
     return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])]) if rows > x.shape[0] else x
-
-
-def _tokenizer_dir(ckpt_dir):
-    """A LoRA checkpoint may not carry tokenizer files; its base checkpoint does."""
-    from pathlib import Path
-
-    from minimind.checkpoint import ADAPTER_CONFIG, read_adapter_config, resolve_checkpoint
-
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "tokenizer.json").exists() or not (ckpt_dir / ADAPTER_CONFIG).exists():
-        return ckpt_dir
-    return resolve_checkpoint(read_adapter_config(ckpt_dir)["base_checkpoint"])

@@ -141,6 +141,17 @@ def is_lora_checkpoint(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists() and not (Path(path) / CONFIG_FILE).exists()
 
 
+def tokenizer_dir(ckpt) -> Path | None:
+    """The directory holding a checkpoint's tokenizer: the checkpoint itself, or a LoRA checkpoint's base
+    (adapters are saved alone). None when neither has one."""
+    ckpt = Path(ckpt)
+    if (ckpt / "tokenizer.json").is_file():
+        return ckpt
+    if is_lora_checkpoint(ckpt):
+        return tokenizer_dir(resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"]))
+    return None
+
+
 def _complete(p: Path) -> bool:
     return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
         (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()

@@ -19,7 +19,10 @@ class Stage:
     weight_decay: float = 0.1
     warmup_steps: int = 10
     beta: float = 0.1  # DPO's and GRPO's KL weight
-    needs_init: bool = True  # starts from a checkpoint (every stage but pretrain)
+    objective: str = "causal_lm"  # a key of stages.OBJECTIVES
+    needs_init: bool = True  # starts from a checkpoint (every stage but pretrain, which may train a tokenizer)
+    needs_teacher: bool = False  # distillation: --teacher CKPT
+    adapters: bool = False  # trains LoRA adapters only and saves just them (a LoRA checkpoint)
     rollouts: bool = False  # batches are sampled from the policy (GRPO), not read from data
     packs_documents: bool = False  # pretrain rows are windows over one token stream
 
@@ -28,12 +31,14 @@ STAGES = {s.name: s for s in (
     Stage("pretrain", data="pretrain", accepts=frozenset({"pretrain"}), lr=5e-4, batch_size=16,
           needs_init=False, packs_documents=True),
     Stage("sft", data="sft", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
-    Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0),
-    Stage("dpo", data="dpo", accepts=frozenset({"dpo"}), lr=1e-5, batch_size=8, weight_decay=0.0, warmup_steps=0),
-    Stage("distill", data="distill", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
-    Stage("reason", data="reason", accepts=frozenset({"reason"}), lr=2e-4, batch_size=16),
+    Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0, adapters=True),
+    Stage("dpo", data="dpo", accepts=frozenset({"dpo"}), lr=1e-5, batch_size=8, weight_decay=0.0, warmup_steps=0,
+          objective="dpo"),
+    Stage("distill", data="distill", accepts=CHAT_DATA, lr=2e-4, batch_size=16, objective="distill",
+          needs_teacher=True),
+    Stage("reason", data="reason", accepts=frozenset({"reason"}), lr=2e-4, batch_size=16, objective="reason"),
     Stage("grpo", data="grpo", accepts=frozenset({"grpo"}), lr=5e-6, batch_size=4, weight_decay=0.0,
-          warmup_steps=0, beta=0.04, rollouts=True),
+          warmup_steps=0, beta=0.04, objective="grpo", rollouts=True),
 )}
 STAGE_NAMES = tuple(STAGES)
 DATA_KINDS = tuple(dict.fromkeys(s.data for s in STAGES.values()))  # what `minimind prepare --stage` takes

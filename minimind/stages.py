@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from minimind import objectives
 from minimind.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
@@ -16,6 +17,7 @@ from minimind.checkpoint import (
     load_config,
     load_state_into,
     load_weights,
+    tokenizer_dir,
     write_model_files,
 )
 from minimind.config import ModelConfig
@@ -44,6 +46,7 @@ class Setup:
         self.trainer = trainer
         self.cfg = trainer.cfg
         self.stage = trainer.stage
+        self.spec = STAGES[trainer.stage]  # the stage's record: what differs is read from it
         self.device = trainer.device
         self.base_ckpt = None
         self.lora_targets = None
@@ -75,7 +78,7 @@ class Setup:
             with torch.device(self.device):
                 model = MiniMindForCausalLM(config, device=self.device)
         model.train()
-        if self.stage == "lora":
+        if self.spec.adapters:
             from minimind.lora import DEFAULT_TARGETS, apply_lora
 
             targets = DEFAULT_TARGETS
@@ -141,7 +144,7 @@ class Setup:
         return model.eval()
 
     def write_weights(self, tmp: Path):
-        if self.stage == "lora":
+        if self.spec.adapters:
             from minimind.checkpoint import write_adapter
 
             write_adapter(tmp, self.model, self.base_ckpt, self.lora_targets, self.cfg["lora_rank"],
@@ -150,7 +153,7 @@ class Setup:
             write_model_files(tmp, self.model)
 
     def load_weights(self, ckpt: Path):
-        if self.stage == "lora":
+        if self.spec.adapters:
             from safetensors.torch import load_file
 
             from minimind.checkpoint import ADAPTER_WEIGHTS
@@ -169,10 +172,8 @@ class Setup:
         cfg = self.cfg
         if cfg["tokenizer"]:
             return Path(cfg["tokenizer"])
-        if self.base_ckpt is not None:
-            for d in (self.base_ckpt, _lora_base(self.base_ckpt)):
-                if d is not None and (d / "tokenizer.json").exists():
-                    return d
+        if self.base_ckpt is not None and (found := tokenizer_dir(self.base_ckpt)) is not None:
+            return found
         run_tok = Path(cfg["out"]) / "tokenizer"
         if run_tok.exists():
             return run_tok
@@ -183,7 +184,7 @@ class Setup:
             if tok and Path(tok).exists():
                 return Path(tok)
             return None
-        if self.stage == "pretrain" and cfg["init"] is None:
+        if not self.spec.needs_init and cfg["init"] is None:  # a fresh model may bring its own tokenizer
             return self._train_tokenizer(data, run_tok, vocab_size)
         raise _usage(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
 
@@ -213,25 +214,25 @@ class Setup:
         from minimind.data.prepare import prepare
         st = path.stat()
         key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg["seq_len"],
-                          STAGES[self.stage].data])
+                          self.spec.data])
         cache = Path(self.cfg["out"]).parent / ".minimind-cache" / (
-            f"{path.stem}-{STAGES[self.stage].data}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+            f"{path.stem}-{self.spec.data}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         )
         dist = self.trainer.dist
         if dist.is_main and not (cache / "meta.json").exists():
             self.trainer.log_message(f"preparing {path} -> {cache}")
             # pretrain rows are windows over the token stream, so only chat documents are cut to the row length
-            max_len = self.cfg["seq_len"] if self.stage != "pretrain" else max(512, self.cfg["seq_len"])
-            prepare(STAGES[self.stage].data, path, self.tokenizer_dir, cache, max_seq_len=max_len)
+            max_len = max(512, self.cfg["seq_len"]) if self.spec.packs_documents else self.cfg["seq_len"]
+            prepare(self.spec.data, path, self.tokenizer_dir, cache, max_seq_len=max_len)
         dist.barrier()
         return cache
 
     def _check_data(self, data_dir: Path):
         meta = _meta(data_dir)
-        if meta.get("stage") not in STAGES[self.stage].accepts:
+        if meta.get("stage") not in self.spec.accepts:
             raise _usage(
                 f"--data {data_dir} was prepared for stage {meta.get('stage')!r}; --stage {self.stage} needs "
-                f"data prepared as {' or '.join(sorted(STAGES[self.stage].accepts))}"
+                f"data prepared as {' or '.join(sorted(self.spec.accepts))}"
             )
         if self.tokenizer_dir is not None and meta.get("tokenizer_fingerprint"):
             if meta["tokenizer_fingerprint"] != self._fingerprint():
@@ -241,7 +242,7 @@ class Setup:
         from minimind.data.loader import make_loader
 
         dist = self.trainer.dist
-        return make_loader(data_dir, stage=_meta(data_dir)["stage"] if self.stage != "grpo" else "grpo",
+        return make_loader(data_dir, stage="grpo" if self.spec.rollouts else _meta(data_dir)["stage"],
                            batch_size=self.cfg["batch_size"], seq_len=self.cfg["seq_len"], seed=seed,
                            rank=dist.rank, world_size=dist.world_size, packed=not self.cfg["no_packing"])
 
@@ -283,25 +284,7 @@ class Setup:
 
     # ----------------------------------------------------------------- objective and validation
     def _objective(self):
-        from minimind import objectives
-
-        cfg = self.cfg
-        if self.stage in ("pretrain", "sft", "lora"):
-            return objectives.CausalLM()
-        if self.stage == "reason":
-            return objectives.Reason()
-        if self.stage == "dpo":
-            ref = self._frozen(cfg["ref"] or self.base_ckpt)
-            if ref.config.to_dict() != self.model.config.to_dict():
-                raise _usage(f"--ref {cfg['ref']}: its architecture differs from the policy's (--init)")
-            return objectives.DPO(ref, beta=cfg["beta"])
-        if self.stage == "distill":
-            teacher = self._frozen(cfg["teacher"])
-            if teacher.config.vocab_size != self.model.config.vocab_size:
-                raise _usage(f"--teacher {cfg['teacher']}: vocab {teacher.config.vocab_size} != student's "
-                             f"{self.model.config.vocab_size}")
-            return objectives.Distill(teacher, temperature=cfg["temperature"], alpha=cfg["alpha"])
-        raise _usage(f"--stage {self.stage} is not implemented yet")
+        return OBJECTIVES[self.spec.objective](self)
 
     @torch.no_grad()
     def validate(self, model, max_batches: int = 20) -> float:
@@ -344,10 +327,31 @@ def _meta(data_dir: Path) -> dict:
     return open_prepared(data_dir).meta
 
 
-def _lora_base(ckpt: Path):
-    from minimind.checkpoint import ADAPTER_CONFIG
+# ----------------------------------------------------------------- objectives by name (Stage.objective)
+def _causal_lm(setup: Setup):
+    return objectives.CausalLM()
 
-    cfg = Path(ckpt) / ADAPTER_CONFIG
-    if cfg.exists():
-        return Path(json.loads(cfg.read_text())["base_checkpoint"])
-    return None
+
+def _reason(setup: Setup):
+    return objectives.Reason()
+
+
+def _dpo(setup: Setup):
+    cfg = setup.cfg
+    ref = setup._frozen(cfg["ref"] or setup.base_ckpt)
+    if ref.config.to_dict() != setup.model.config.to_dict():
+        raise _usage(f"--ref {cfg['ref']}: its architecture differs from the policy's (--init)")
+    return objectives.DPO(ref, beta=cfg["beta"])
+
+
+def _distill(setup: Setup):
+    cfg = setup.cfg
+    teacher = setup._frozen(cfg["teacher"])
+    if teacher.config.vocab_size != setup.model.config.vocab_size:
+        raise _usage(f"--teacher {cfg['teacher']}: vocab {teacher.config.vocab_size} != student's "
+                     f"{setup.model.config.vocab_size}")
+    return objectives.Distill(teacher, temperature=cfg["temperature"], alpha=cfg["alpha"])
+
+
+# grpo: GRPOSetup builds its own (its batches are rollouts scored against a reference)
+OBJECTIVES = {"causal_lm": _causal_lm, "reason": _reason, "dpo": _dpo, "distill": _distill}

@@ -80,8 +80,8 @@ def resolve_args(args) -> dict:
         raise UsageError("--data PATH is required (a prepared data dir or a raw .jsonl)")
     if args.overrides and args.init is not None:
         raise UsageError("--set changes the architecture of a fresh --model; it cannot be used with --init")
-    if args.stage == "distill" and args.teacher is None:
-        raise UsageError("--stage distill needs --teacher CKPT")
+    if d.needs_teacher and args.teacher is None:
+        raise UsageError(f"--stage {args.stage} needs --teacher CKPT")
     if args.eval_every and args.val_data is None:
         raise UsageError("--eval-every needs --val-data PATH")
     cfg = {k: v for k, v in vars(args).items() if k not in ("command", "local_rank")}
@@ -179,7 +179,7 @@ class Trainer:
         setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
         self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
         self.model = self.setup.model
-        self.engine = None  # deepspeed engine
+        self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, self.cfg["weight_decay"]), lr=self.cfg["lr"], betas=(0.9, 0.95),
@@ -196,9 +196,9 @@ class Trainer:
             (self.out / "run.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
         if self.cfg["deepspeed"]:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
-            self.model = self.engine = distributed.deepspeed_engine(self)
+            self.model = self.ds_engine = distributed.deepspeed_engine(self)
             if getattr(self, "_deepspeed_resume_dir", None) is not None:
-                self.engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
+                self.ds_engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
                                             load_lr_scheduler_states=False)
         else:
             self.model = distributed.wrap(self)
@@ -327,9 +327,9 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                     loss_sum, aux, metrics = objective(self.model, batch)
                 loss = loss_sum.float() * scale + aux.float() / len(micro)
-                if self.engine is not None:  # deepspeed: it reduces, clips and steps at the boundary
-                    self.engine.backward(loss, scale_wrt_gas=False)
-                    self.engine.step()
+                if self.ds_engine is not None:  # deepspeed: it reduces, clips and steps at the boundary
+                    self.ds_engine.backward(loss, scale_wrt_gas=False)
+                    self.ds_engine.step()
                 else:
                     self.scaler.scale(loss).backward()
             loss_total += loss_sum.detach().double()
@@ -338,8 +338,8 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / len(micro)
             tokens += setup.tokens_in(batch)
             useful += setup.useful_in(batch)
-        if self.engine is not None:
-            grad_norm = self.engine.get_global_grad_norm() or 0.0
+        if self.ds_engine is not None:
+            grad_norm = self.ds_engine.get_global_grad_norm() or 0.0
         else:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg["grad_clip"] or float("inf"))
@@ -374,7 +374,7 @@ class Trainer:
         )
 
     def _check_finite_weights(self):
-        if self.engine is not None:  # ZeRO shards: each rank holds a part; the loss check covers it
+        if self.ds_engine is not None:  # ZeRO shards: each rank holds a part; the loss check covers it
             return
         bad = [n for n, p in self.raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
@@ -412,7 +412,7 @@ class Trainer:
     def save(self):
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
         self._check_finite_weights()
-        if self.engine is not None:
+        if self.ds_engine is not None:
             return self._save_deepspeed()
         if self.dist.is_main:
             target = self.out / f"step-{self.step}"
@@ -451,7 +451,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "trainer_state").mkdir(parents=True)
         self.dist.barrier()
-        self.engine.save_checkpoint(str(tmp / "trainer_state" / "deepspeed"), tag="state")
+        self.ds_engine.save_checkpoint(str(tmp / "trainer_state" / "deepspeed"), tag="state")
         self.dist.barrier()
         if self.dist.is_main:
             self._fill_checkpoint(tmp, deepspeed=True)

@@ -27,13 +27,12 @@ def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None):
     """-> (model, tokenizers.Tokenizer, tokenizer_config dict) for checkpoint or run dir `ckpt`."""
     from tokenizers import Tokenizer
 
-    from minimind.checkpoint import CheckpointError, resolve_checkpoint
-    from minimind.interop.export import tokenizer_dir_of
+    from minimind.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir
 
     device = pick_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
     model, _ = load_checkpoint(ckpt, device=device, dtype=torch_dtype)
-    tok_dir = tokenizer_dir_of(resolve_checkpoint(ckpt))
+    tok_dir = tokenizer_dir(resolve_checkpoint(ckpt))
     if tok_dir is None:
         raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json; evaluation needs its tokenizer")
     tok_config_file = tok_dir / "tokenizer_config.json"

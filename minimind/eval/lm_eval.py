@@ -66,7 +66,7 @@ class MiniMindLM(LM):
         super().__init__()
         from transformers import AutoTokenizer, PretrainedConfig
 
-        from minimind.interop.export import tokenizer_dir_of
+        from minimind.checkpoint import tokenizer_dir
 
         if model is None:
             if ckpt is None:
@@ -74,7 +74,7 @@ class MiniMindLM(LM):
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
             model, _ = load_checkpoint(ckpt, device=pick_device(device), dtype=torch_dtype)
         if tokenizer is None:
-            tok_dir = tokenizer_dir_of(resolve_checkpoint(ckpt)) if ckpt is not None else None
+            tok_dir = tokenizer_dir(resolve_checkpoint(ckpt)) if ckpt is not None else None
             if tok_dir is None:
                 raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json")
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, config=PretrainedConfig())  # ours is not HF's

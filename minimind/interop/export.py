@@ -26,6 +26,7 @@ from minimind.checkpoint import (
     read_adapter_config,
     resolve_checkpoint,
     state_dict_for_save,
+    tokenizer_dir,
 )
 from minimind.config import ModelConfig
 from minimind.lora import strip_lora
@@ -63,7 +64,7 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
         return _export_peft(src, out)
     model, _ = load_checkpoint(src, kernels="torch")
     strip_lora(model)  # merged adapters become plain Linears: stock names only
-    tokenizer = tokenizer_dir_of(src)
+    tokenizer = tokenizer_dir(src)
     return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
 
 
@@ -91,16 +92,6 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: directory is not empty; pass --force to replace it")
-
-
-def tokenizer_dir_of(ckpt: Path) -> Path | None:
-    """The directory holding ckpt's tokenizer: ckpt itself, or a LoRA checkpoint's base."""
-    ckpt = Path(ckpt)
-    if (ckpt / "tokenizer.json").is_file():
-        return ckpt
-    if is_lora_checkpoint(ckpt):
-        return tokenizer_dir_of(resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"]))
-    return None
 
 
 def write_hf_model(model: torch.nn.Module, tokenizer: Path | None, out: Path) -> None:
@@ -234,7 +225,7 @@ def _export_peft(lora_ckpt: Path, out: Path) -> Path:
     cfg = read_adapter_config(lora_ckpt)
     base_ckpt = resolve_checkpoint(cfg["base_checkpoint"])
     base, _ = load_checkpoint(base_ckpt, kernels="torch")
-    tokenizer = tokenizer_dir_of(lora_ckpt)
+    tokenizer = tokenizer_dir(lora_ckpt)
     adapter = load_file(lora_ckpt / ADAPTER_WEIGHTS)
 
     def fill(tmp: Path):
