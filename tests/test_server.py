@@ -21,6 +21,7 @@ from infer.sampling import SamplingParams
 from infer.server import ServerThread, create_app
 from minimind.checkpoint import load_checkpoint, save_checkpoint
 from minimind.config import ModelConfig
+from minimind.data.tokenizer import load_tokenizer
 from minimind.model import MiniMindForCausalLM
 from tests.conftest import ROOT
 
@@ -82,7 +83,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def tok(wide_ckpt):
-    return AutoTokenizer.from_pretrained(wide_ckpt)
+    return load_tokenizer(wide_ckpt)  # not AutoTokenizer on a checkpoint dir: it parses our config.json
 
 
 MSGS = [{"role": "user", "content": "Hello, who are you?"}]
