@@ -158,16 +158,26 @@ def _complete(p: Path) -> bool:
     )
 
 
+def read_json(file, error: type[Exception] = None, context: str = "") -> dict:
+    """A JSON object from `file`; anything else raises `error` (CheckpointError by default) naming the
+    file and what is wrong, with `context` appended (e.g. ", cannot resume")."""
+    error = error or CheckpointError
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{file}: missing{context}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}){context}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{file}: unreadable ({e}){context}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}{context}")
+    return data
+
+
 def load_config(ckpt) -> ModelConfig:
     file = Path(ckpt) / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    data = read_json(file)
     try:
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -277,12 +287,9 @@ def write_adapter(dir_: Path, model: torch.nn.Module, base_ckpt: Path, targets, 
 
 def read_adapter_config(adapter_dir) -> dict:
     file = Path(adapter_dir) / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing (not a LoRA adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing (not a LoRA adapter directory)")
+    cfg = read_json(file)
     for key in ("base_checkpoint", "rank", "alpha", "targets"):
         if key not in cfg:
             raise CheckpointError(f"{file}: field {key!r} missing")

@@ -17,6 +17,7 @@ from minimind.checkpoint import (
     load_config,
     load_state_into,
     load_weights,
+    read_json,
     tokenizer_dir,
     write_model_files,
 )
@@ -314,13 +315,10 @@ def _tokenizer_len(tokenizer_dir) -> int:
 
 
 def _read_run_json(file: Path) -> dict:
-    try:
-        run = json.loads(file.read_text())
-        return {"model": run["model"], "overrides": run["overrides"]}
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing (the run's resolved flags), cannot resume") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}), cannot resume") from None
+    run = read_json(file, context=" (the run's resolved flags), cannot resume")
+    if not isinstance(run.get("model"), str) or not isinstance(run.get("overrides"), list):
+        raise CheckpointError(f"{file}: 'model' or 'overrides' missing or of the wrong type, cannot resume")
+    return {"model": run["model"], "overrides": run["overrides"]}
 
 
 def _meta(data_dir: Path) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_error, resolve_checkpoint
+from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_error, read_json, resolve_checkpoint
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
@@ -513,15 +513,7 @@ class Trainer:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing, cannot resume") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}), cannot resume") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, cannot resume")
-    return data
+    return read_json(file, context=", cannot resume")
 
 
 # Random state and loss scale as tensors (safetensors) + JSON: nothing on resume is a pickle

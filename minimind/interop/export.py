@@ -24,6 +24,7 @@ from minimind.checkpoint import (
     is_lora_checkpoint,
     load_checkpoint,
     read_adapter_config,
+    read_json,
     resolve_checkpoint,
     state_dict_for_save,
     tokenizer_dir,
@@ -259,15 +260,7 @@ def _peft_config(cfg: dict, base_dir: Path) -> dict:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{file}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{file}: expected a JSON object")
-    return data
+    return read_json(file, ExportError)
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -9,14 +9,13 @@ Qwen3, our MoE export, MiniMind's own `model_type: minimind`) map config fields 
 Every missing, unknown or misshapen tensor is reported by name.
 """
 
-import json
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import CheckpointError, save_checkpoint
+from minimind.checkpoint import CheckpointError, read_json, save_checkpoint
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
 
@@ -210,12 +209,4 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ImportFormatError(f"{file}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ImportFormatError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ImportFormatError(f"{file}: expected a JSON object")
-    return data
+    return read_json(file, ImportFormatError)
