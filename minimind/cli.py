@@ -84,20 +84,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", type=existing_path, metavar="PATH")
     p.add_argument("--eval-every", type=positive_int, metavar="N")
     p.add_argument("--tokenizer", type=existing_path, metavar="DIR")
-    p.add_argument("--out", type=Path, metavar="DIR")
+    p.add_argument("--out", type=Path, metavar="DIR", help="the run directory (default: runs/STAGE)")
     p.add_argument("--max-steps", type=positive_int, metavar="N")
-    p.add_argument("--epochs", type=float, metavar="N")
+    p.add_argument("--epochs", type=float, metavar="N", help="default: 1, unless --max-steps is given")
     p.add_argument("--max-time", type=float, metavar="SECONDS")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--grad-accum", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", type=float)
+    p.add_argument("--min-lr", type=float, help="end of the cosine (default: --lr / 10)")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--dtype", choices=DTYPES)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA where supported, else float32")
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--kernels", choices=KERNELS)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -107,7 +107,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=positive_int, metavar="N")
     p.add_argument("--log-every", type=positive_int, metavar="N")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless a key is set)")
     p.add_argument("--deepspeed", type=existing_path, metavar="CONFIG.json")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -125,6 +125,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     grpo = p.add_argument_group("grpo")
     grpo.add_argument("--group-size", type=positive_int)
     grpo.add_argument("--max-new-tokens", type=positive_int)
+    _defaults_from_trainconfig(p)
+
+
+def _defaults_from_trainconfig(p: argparse.ArgumentParser) -> None:
+    """Defaults live in TrainConfig; a flag may not carry another (a knob the stage decides shows as
+    such in --help)."""
+    from minimind.trainconfig import FIELDS, STAGE_FIELDS, default
+
+    for action in p._actions:
+        if action.dest not in FIELDS:
+            continue
+        if action.default not in (None, False, []) and action.default != default(action.dest):
+            raise AssertionError(f"{action.option_strings[0]}: default {action.default!r} differs from TrainConfig's")
+        if action.default is None:
+            action.default = default(action.dest)
+        if action.dest in STAGE_FIELDS and action.help != argparse.SUPPRESS:
+            action.help = f"{action.help} (default: per stage)" if action.help else "default: per stage"
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -50,12 +50,12 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup(cfg: dict) -> Dist:
+def setup(cfg) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = None
     if use_cuda:
         device = torch.device("cuda", local)
@@ -83,15 +83,15 @@ def deepspeed_engine(trainer):
     import deepspeed
 
     cfg = trainer.cfg
-    with open(cfg["deepspeed"]) as f:
+    with open(cfg.deepspeed) as f:
         try:
             ds = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--deepspeed {cfg['deepspeed']}: not valid JSON ({e})") from None
+            raise ValueError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({e})") from None
     autos = {
-        "train_micro_batch_size_per_gpu": cfg["batch_size"],
-        "gradient_accumulation_steps": cfg["grad_accum"],
-        "gradient_clipping": cfg["grad_clip"] or 0.0,
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip or 0.0,
     }
     for key, value in autos.items():
         if ds.get(key, "auto") == "auto":

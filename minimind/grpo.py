@@ -95,16 +95,16 @@ class GRPOSetup(Setup):
     def _objective(self):
         from infer.engine import Engine
 
-        self.ref = self._frozen(self.cfg["ref"] or self.base_ckpt)
+        self.ref = self._frozen(self.cfg.ref or self.base_ckpt)
         if self.ref.config.to_dict() != self.model.config.to_dict():
-            raise ValueError(f"--ref {self.cfg['ref']}: its architecture differs from the policy's (--init)")
+            raise ValueError(f"--ref {self.cfg.ref}: its architecture differs from the policy's (--init)")
         from minimind.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        group = self.cfg["group_size"]
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg["batch_size"] * group)
+        group = self.cfg.group_size
+        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg.batch_size * group)
         self.rollouts = 0
-        return GRPO(beta=self.cfg["beta"] if self.cfg["beta"] is not None else 0.04)
+        return GRPO(beta=self.cfg.beta if self.cfg.beta is not None else 0.04)
 
     def _check_data(self, data_dir):
         if open_prepared(data_dir).meta.get("stage") != "grpo":
@@ -115,11 +115,11 @@ class GRPOSetup(Setup):
         from infer.engine import SamplingParams
 
         prompts = next(self._iter)
-        g = self.cfg["group_size"]
-        seed = self.cfg["seed"] * 1_000_003 + self.rollouts
+        g = self.cfg.group_size
+        seed = self.cfg.seed * 1_000_003 + self.rollouts
         self.rollouts += 1
         flat = [p for p in prompts.prompt_ids for _ in range(g)]
-        params = [SamplingParams(max_new_tokens=self.cfg["max_new_tokens"], temperature=1.0, top_p=1.0,
+        params = [SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
                                  seed=seed + i) for i in range(len(flat))]
         drop_packed(self.model)  # the optimizer may have written weights through .data (DeepSpeed)
         outs = self.engine.generate(flat, params)

@@ -5,7 +5,23 @@ Nothing here imports the loop; adding a stage starts with a record here.
 
 import dataclasses
 
-CHAT_DATA = frozenset({"sft", "lora", "distill", "reason"})  # the conversation format, with assistant weights
+
+@dataclasses.dataclass(frozen=True)
+class DataKind:
+    """What `minimind prepare --stage NAME` writes and the loader reads."""
+
+    name: str
+    layout: str  # "text": documents in one token stream | "chat": conversations, loss on assistant spans |
+    #              "pairs": chosen/rejected conversations (dpo) | "prompts": prompts + reference answers (grpo)
+    tag_weights: bool = False  # <think>/<answer> tags get their own loss weight (reason)
+
+
+DATA = {k.name: k for k in (
+    DataKind("pretrain", "text"), DataKind("sft", "chat"), DataKind("lora", "chat"), DataKind("dpo", "pairs"),
+    DataKind("distill", "chat"), DataKind("reason", "chat", tag_weights=True), DataKind("grpo", "prompts"),
+)}
+DATA_KINDS = tuple(DATA)
+CHAT_DATA = frozenset(k.name for k in DATA.values() if k.layout == "chat")  # one conversation format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,4 +57,3 @@ STAGES = {s.name: s for s in (
           warmup_steps=0, beta=0.04, objective="grpo", rollouts=True),
 )}
 STAGE_NAMES = tuple(STAGES)
-DATA_KINDS = tuple(dict.fromkeys(s.data for s in STAGES.values()))  # what `minimind prepare --stage` takes

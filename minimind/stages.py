@@ -55,10 +55,10 @@ class Setup:
         self.model = self._build_model()
         self.tokenizer_dir = self.tokenizer_dir or self._find_tokenizer(self.model.config.vocab_size)
         self._check_shapes()
-        self.data_dir = self._prepared(self.cfg["data"])
+        self.data_dir = self._prepared(self.cfg.data)
         self._check_data(self.data_dir)
-        self.loader = self._make_loader(self.data_dir, self.cfg["seed"])
-        self.val_dir = self._prepared(self.cfg["val_data"]) if self.cfg["val_data"] else None
+        self.loader = self._make_loader(self.data_dir, self.cfg.seed)
+        self.val_dir = self._prepared(self.cfg.val_data) if self.cfg.val_data else None
         self.objective = self._objective()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._iter = iter(self.loader)
@@ -66,13 +66,13 @@ class Setup:
     # ----------------------------------------------------------------- model
     def _build_model(self):
         cfg = self.cfg
-        kernels = cfg["kernels"]
-        if cfg["init"] is not None:
-            model, ckpt = load_checkpoint(cfg["init"], device=self.device, kernels=kernels)
+        kernels = cfg.kernels
+        if cfg.init is not None:
+            model, ckpt = load_checkpoint(cfg.init, device=self.device, kernels=kernels)
             self.base_ckpt = ckpt
-        elif self.trainer.cfg["resume"] and cfg["model"] is None:
-            run = _read_run_json(Path(cfg["out"]) / "run.json")
-            cfg["model"], cfg["overrides"] = run["model"], run["overrides"]
+        elif self.trainer.cfg.resume and cfg.model is None:
+            run = _read_run_json(Path(cfg.out) / "run.json")
+            cfg.model, cfg.overrides = run["model"], run["overrides"]
             return self._build_model()
         else:
             config = self._fresh_config()
@@ -83,14 +83,14 @@ class Setup:
             from minimind.lora import DEFAULT_TARGETS, apply_lora
 
             targets = DEFAULT_TARGETS
-            if cfg["lora_targets"]:
-                targets = tuple(t.strip() for t in cfg["lora_targets"].split(","))
+            if cfg.lora_targets:
+                targets = tuple(t.strip() for t in cfg.lora_targets.split(","))
             try:
-                apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=targets)
+                apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets)
             except ValueError as e:
                 raise _usage(str(e)) from None
             self.lora_targets = targets
-        if cfg["grad_checkpointing"]:
+        if cfg.grad_checkpointing:
             model.model.grad_checkpointing = True
         return model
 
@@ -98,29 +98,29 @@ class Setup:
         """The preset with --set applied; `--set vocab_size=auto` sizes the vocabulary to the tokenizer (rounded
         up to a multiple of 64), and run.json records the number so a resume rebuilds the same model."""
         cfg = self.cfg
-        overrides = [o for o in cfg["overrides"] if o.replace(" ", "") != "vocab_size=auto"]
-        config = ModelConfig.from_preset(cfg["model"], overrides, kernels=cfg["kernels"])
-        if len(overrides) == len(cfg["overrides"]):
+        overrides = [o for o in cfg.overrides if o.replace(" ", "") != "vocab_size=auto"]
+        config = ModelConfig.from_preset(cfg.model, overrides, kernels=cfg.kernels)
+        if len(overrides) == len(cfg.overrides):
             return config
         self.tokenizer_dir = self._find_tokenizer(config.vocab_size)
         if self.tokenizer_dir is None:
             raise _usage("--set vocab_size=auto needs a tokenizer: pass --tokenizer DIR")
         n = _tokenizer_len(self.tokenizer_dir)
-        cfg["overrides"] = [*overrides, f"vocab_size={-(-n // 64) * 64}"]
+        cfg.overrides = [*overrides, f"vocab_size={-(-n // 64) * 64}"]
         self.trainer.log_message(f"vocab_size=auto: {n} tokens in {self.tokenizer_dir} -> vocab_size "
                                  f"{-(-n // 64) * 64}")
-        return ModelConfig.from_preset(cfg["model"], cfg["overrides"], kernels=cfg["kernels"])
+        return ModelConfig.from_preset(cfg.model, cfg.overrides, kernels=cfg.kernels)
 
     def _check_shapes(self):
         """What would otherwise surface as an IndexError deep in the first step."""
         config, cfg = self.model.config, self.cfg
-        if cfg["seq_len"] > config.max_position_embeddings:
-            raise _usage(f"--seq-len {cfg['seq_len']} is longer than the model's context "
+        if cfg.seq_len > config.max_position_embeddings:
+            raise _usage(f"--seq-len {cfg.seq_len} is longer than the model's context "
                          f"(max_position_embeddings {config.max_position_embeddings})")
         if self.tokenizer_dir is None:
             return
         n = _tokenizer_len(self.tokenizer_dir)
-        fresh = cfg["init"] is None
+        fresh = cfg.init is None
         if n > config.vocab_size:
             hint = "--set vocab_size=auto sizes a fresh model to it" if fresh else "pass the model's own tokenizer"
             raise _usage(f"the tokenizer {self.tokenizer_dir} has {n} tokens but the model's vocab_size is "
@@ -140,7 +140,7 @@ class Setup:
         return hashlib.sha256(meta.encode()).hexdigest()[:16]
 
     def _frozen(self, path):
-        model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg["kernels"])
+        model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg.kernels)
         model.requires_grad_(False)
         return model.eval()
 
@@ -148,8 +148,8 @@ class Setup:
         if self.spec.adapters:
             from minimind.checkpoint import write_adapter
 
-            write_adapter(tmp, self.model, self.base_ckpt, self.lora_targets, self.cfg["lora_rank"],
-                          self.cfg["lora_alpha"], 0.0)
+            write_adapter(tmp, self.model, self.base_ckpt, self.lora_targets, self.cfg.lora_rank,
+                          self.cfg.lora_alpha, 0.0)
         else:
             write_model_files(tmp, self.model)
 
@@ -171,21 +171,21 @@ class Setup:
         """--tokenizer, else the --init checkpoint's, the run's own, the prepared data's; for a fresh pretrain
         on raw jsonl, one trained on it (vocab_size entries at most)."""
         cfg = self.cfg
-        if cfg["tokenizer"]:
-            return Path(cfg["tokenizer"])
+        if cfg.tokenizer:
+            return Path(cfg.tokenizer)
         if self.base_ckpt is not None and (found := tokenizer_dir(self.base_ckpt)) is not None:
             return found
-        run_tok = Path(cfg["out"]) / "tokenizer"
+        run_tok = Path(cfg.out) / "tokenizer"
         if run_tok.exists():
             return run_tok
-        data = Path(cfg["data"])
+        data = Path(cfg.data)
         if data.is_dir():
             meta = _meta(data)
             tok = meta.get("tokenizer_dir") or meta.get("tokenizer")
             if tok and Path(tok).exists():
                 return Path(tok)
             return None
-        if not self.spec.needs_init and cfg["init"] is None:  # a fresh model may bring its own tokenizer
+        if not self.spec.needs_init and cfg.init is None:  # a fresh model may bring its own tokenizer
             return self._train_tokenizer(data, run_tok, vocab_size)
         raise _usage(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
 
@@ -214,16 +214,16 @@ class Setup:
             raise _usage(f"--data {path}: cannot prepare raw jsonl without a tokenizer (pass --tokenizer DIR)")
         from minimind.data.prepare import prepare
         st = path.stat()
-        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg["seq_len"],
+        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg.seq_len,
                           self.spec.data])
-        cache = Path(self.cfg["out"]).parent / ".minimind-cache" / (
+        cache = Path(self.cfg.out).parent / ".minimind-cache" / (
             f"{path.stem}-{self.spec.data}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         )
         dist = self.trainer.dist
         if dist.is_main and not (cache / "meta.json").exists():
             self.trainer.log_message(f"preparing {path} -> {cache}")
             # pretrain rows are windows over the token stream, so only chat documents are cut to the row length
-            max_len = max(512, self.cfg["seq_len"]) if self.spec.packs_documents else self.cfg["seq_len"]
+            max_len = max(512, self.cfg.seq_len) if self.spec.packs_documents else self.cfg.seq_len
             prepare(self.spec.data, path, self.tokenizer_dir, cache, max_seq_len=max_len)
         dist.barrier()
         return cache
@@ -244,12 +244,12 @@ class Setup:
 
         dist = self.trainer.dist
         return make_loader(data_dir, stage="grpo" if self.spec.rollouts else _meta(data_dir)["stage"],
-                           batch_size=self.cfg["batch_size"], seq_len=self.cfg["seq_len"], seed=seed,
-                           rank=dist.rank, world_size=dist.world_size, packed=not self.cfg["no_packing"])
+                           batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, seed=seed,
+                           rank=dist.rank, world_size=dist.world_size, packed=not self.cfg.no_packing)
 
     @property
     def batches_per_epoch(self) -> int:
-        per_step = self.cfg["batch_size"] * self.trainer.dist.world_size
+        per_step = self.cfg.batch_size * self.trainer.dist.world_size
         return max(1, -(-self.loader.rows_per_epoch // per_step))
 
     def loader_epoch(self) -> float:
@@ -292,8 +292,8 @@ class Setup:
         from minimind.data.loader import make_loader
 
         dist = self.trainer.dist
-        loader = make_loader(self.val_dir, stage=_meta(self.val_dir)["stage"], batch_size=self.cfg["batch_size"],
-                             seq_len=self.cfg["seq_len"], seed=0, rank=dist.rank, world_size=dist.world_size)
+        loader = make_loader(self.val_dir, stage=_meta(self.val_dir)["stage"], batch_size=self.cfg.batch_size,
+                             seq_len=self.cfg.seq_len, seed=0, rank=dist.rank, world_size=dist.world_size)
         n = min(max_batches, max(1, len(loader)))
         was_training = model.training
         model.eval()
@@ -336,19 +336,19 @@ def _reason(setup: Setup):
 
 def _dpo(setup: Setup):
     cfg = setup.cfg
-    ref = setup._frozen(cfg["ref"] or setup.base_ckpt)
+    ref = setup._frozen(cfg.ref or setup.base_ckpt)
     if ref.config.to_dict() != setup.model.config.to_dict():
-        raise _usage(f"--ref {cfg['ref']}: its architecture differs from the policy's (--init)")
-    return objectives.DPO(ref, beta=cfg["beta"])
+        raise _usage(f"--ref {cfg.ref}: its architecture differs from the policy's (--init)")
+    return objectives.DPO(ref, beta=cfg.beta)
 
 
 def _distill(setup: Setup):
     cfg = setup.cfg
-    teacher = setup._frozen(cfg["teacher"])
+    teacher = setup._frozen(cfg.teacher)
     if teacher.config.vocab_size != setup.model.config.vocab_size:
-        raise _usage(f"--teacher {cfg['teacher']}: vocab {teacher.config.vocab_size} != student's "
+        raise _usage(f"--teacher {cfg.teacher}: vocab {teacher.config.vocab_size} != student's "
                      f"{setup.model.config.vocab_size}")
-    return objectives.Distill(teacher, temperature=cfg["temperature"], alpha=cfg["alpha"])
+    return objectives.Distill(teacher, temperature=cfg.temperature, alpha=cfg.alpha)
 
 
 # grpo: GRPOSetup builds its own (its batches are rollouts scored against a reference)

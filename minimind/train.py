@@ -24,6 +24,7 @@ from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_erro
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
+from minimind.trainconfig import TrainConfig, resolve
 from minimind.trainlog import RunLog
 
 
@@ -45,65 +46,8 @@ def run(args) -> int:
         trainer.close()
 
 
-# float flags that must be finite numbers (an `inf` learning rate trains NaN without a word)
-FINITE_FLAGS = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha",
-                "epochs", "max_time")
-POSITIVE_FLAGS = ("lr", "epochs", "max_time", "temperature", "lora_alpha")
-
-
-def _check_numbers(cfg: dict) -> None:
-    for key in FINITE_FLAGS:
-        value = cfg.get(key)
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-        if key in POSITIVE_FLAGS and value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
-        if value < 0:
-            raise UsageError(f"{flag} must not be negative, got {value}")
-
-
-def resolve_args(args) -> dict:
-    """Fill the per-stage defaults; check combinations. -> the resolved run config (run.json)."""
-    d = STAGES[args.stage]
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out (the run directory to continue)")
-    if args.out is None:
-        args.out = Path("runs") / args.stage  # an existing non-empty one is refused below, naming it
-    if d.needs_init and args.init is None and not args.resume:
-        raise UsageError(f"--stage {args.stage} needs --init CKPT (e.g. the pretrain or SFT run)")
-    if args.init is None and args.model is None and not args.resume:
-        args.model = "tiny"
-    if args.data is None:
-        raise UsageError("--data PATH is required (a prepared data dir or a raw .jsonl)")
-    if args.overrides and args.init is not None:
-        raise UsageError("--set changes the architecture of a fresh --model; it cannot be used with --init")
-    if d.needs_teacher and args.teacher is None:
-        raise UsageError(f"--stage {args.stage} needs --teacher CKPT")
-    if args.eval_every and args.val_data is None:
-        raise UsageError("--eval-every needs --val-data PATH")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("command", "local_rank")}
-    defaults = dict(
-        lr=d.lr, batch_size=d.batch_size, seq_len=d.seq_len, weight_decay=d.weight_decay,
-        warmup_steps=d.warmup_steps, grad_accum=1, grad_clip=1.0, log_every=10, save_every=500, keep=3,
-        beta=d.beta, temperature=1.5, alpha=0.5, lora_rank=8, lora_alpha=16.0,
-        group_size=4, max_new_tokens=64,
-        kernels="auto", eval_every=None,
-    )
-    for key, value in defaults.items():
-        if cfg.get(key) is None:
-            cfg[key] = value
-    if cfg["min_lr"] is None:
-        cfg["min_lr"] = cfg["lr"] / 10
-    if cfg["max_steps"] is None and cfg["epochs"] is None:
-        cfg["epochs"] = 1.0
-    _check_numbers(cfg)
-    for key in ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed"):
-        if cfg.get(key) is not None:
-            cfg[key] = str(Path(cfg[key]).resolve())
-    return cfg
+def resolve_args(args) -> TrainConfig:
+    return resolve(args)
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,9 +92,9 @@ class Trainer:
         self.cfg = resolve_args(args)
         self.stage = args.stage
         self.dist = distributed.setup(self.cfg)
-        self.device = pick_device(self.cfg["device"]) if not self.dist.device else self.dist.device
-        self.dtype = pick_dtype(self.cfg["dtype"], self.device)
-        self.out = Path(self.cfg["out"])
+        self.device = pick_device(self.cfg.device) if not self.dist.device else self.dist.device
+        self.dtype = pick_dtype(self.cfg.dtype, self.device)
+        self.out = Path(self.cfg.out)
         self.run_dir = RunDir(self.out)
         self.owns_contents = False  # everything in --out is this run's (a fresh run into an empty dir)
         self.step = 0
@@ -158,10 +102,10 @@ class Trainer:
         self.dist.barrier()
         try:
             self._check_out_dir()
-            self.owns_contents = not self.cfg["resume"]
+            self.owns_contents = not self.cfg.resume
             self.dist.barrier()  # every rank has looked before the main one writes run.json
-            self._seed(self.cfg["seed"])
-            self.log = RunLog(self.out, enabled=self.dist.is_main, wandb=self.cfg["wandb"], config=self.cfg)
+            self._seed(self.cfg.seed)
+            self.log = RunLog(self.out, enabled=self.dist.is_main, wandb=self.cfg.wandb, config=self.cfg.to_dict())
             for note in notes:
                 self.log.message(note)
             self._build()
@@ -182,7 +126,7 @@ class Trainer:
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg["weight_decay"]), lr=self.cfg["lr"], betas=(0.9, 0.95),
+            param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.95),
             fused=self.device.type in ("cuda", "cpu"),
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -190,11 +134,11 @@ class Trainer:
         self.bad_steps = 0  # consecutive non-finite steps GradScaler skipped (fp16)
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
-        if self.cfg["resume"]:
+        if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
-            (self.out / "run.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
-        if self.cfg["deepspeed"]:
+            (self.out / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        if self.cfg.deepspeed:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
             self.model = self.ds_engine = distributed.deepspeed_engine(self)
             if getattr(self, "_deepspeed_resume_dir", None) is not None:
@@ -202,7 +146,7 @@ class Trainer:
                                             load_lr_scheduler_states=False)
         else:
             self.model = distributed.wrap(self)
-        if self.cfg["compile"]:
+        if self.cfg.compile:
             self.log.message("torch.compile: the first steps compile the model (a minute or more on CPU)")
             self.model = torch.compile(self.model)
         self.stop_signal = None
@@ -224,7 +168,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up helpers
     def _check_out_dir(self):
-        if self.cfg["resume"]:
+        if self.cfg.resume:
             if not self.out.is_dir() or not any(STEP_DIR.match(p.name) for p in self.out.iterdir()):
                 raise UsageError(f"--resume: {self.out} has no step-N checkpoint to resume from")
         elif not self.run_dir.is_empty():
@@ -239,10 +183,10 @@ class Trainer:
         torch.manual_seed(seed + self.dist.rank)
 
     def _total_steps(self) -> int:
-        if self.cfg["max_steps"]:
-            return self.cfg["max_steps"]
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
         per_epoch = self.setup.batches_per_epoch  # this rank's batches
-        return max(1, math.ceil(self.cfg["epochs"] * per_epoch / self.cfg["grad_accum"]))
+        return max(1, math.ceil(self.cfg.epochs * per_epoch / self.cfg.grad_accum))
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> int:
@@ -258,15 +202,15 @@ class Trainer:
         start, last_log_time = time.perf_counter(), time.perf_counter()
         window_tokens = window_useful = 0
         self.log.start(self.total_steps, self.step)
-        tokens = cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"] * self.dist.world_size
-        first = min(cfg["log_every"] * (self.step // cfg["log_every"] + 1), self.total_steps)
+        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
+        first = min(cfg.log_every * (self.step // cfg.log_every + 1), self.total_steps)
         self.log.message(f"training steps {self.step + 1}..{self.total_steps} ({tokens} tokens each); the first "
                          f"log line comes after step {first}"
-                         + (f" (or fewer: --max-time {cfg['max_time']:g}s)" if cfg["max_time"] else "")
-                         + ("; the first steps compile" if cfg["compile"] else ""))
+                         + (f" (or fewer: --max-time {cfg.max_time:g}s)" if cfg.max_time else "")
+                         + ("; the first steps compile" if cfg.compile else ""))
         exit_code = 0
         while not self._done(start):
-            lr = lr_at(self.step, lr=cfg["lr"], min_lr=cfg["min_lr"], warmup=cfg["warmup_steps"],
+            lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
                        total=self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -276,22 +220,22 @@ class Trainer:
             window_tokens += row.pop("_tokens")
             window_useful += row.pop("_useful")
             self.log.advance()
-            if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 elapsed = now - last_log_time
                 row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
                            useful_tokens_per_s=window_useful / elapsed)
-                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0:
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
                     row["val_loss"] = self.setup.validate(self.model)
                 row["mfu"] = self._mfu(row["tokens_per_s"])
-                self.log.row(row, eta_s=(self.total_steps - self.step) * elapsed / cfg["log_every"])
+                self.log.row(row, eta_s=(self.total_steps - self.step) * elapsed / cfg.log_every)
                 window_tokens = window_useful = 0
                 last_log_time = time.perf_counter()
             if self.stop_signal is not None:
                 exit_code = 128 + self.stop_signal
                 self.log.message(f"signal {self.stop_signal}: saving step {self.step} and exiting")
                 break
-            if self.step % cfg["save_every"] == 0:
+            if self.step % cfg.save_every == 0:
                 self.save()
         self.save()
         self.log.close()
@@ -300,18 +244,18 @@ class Trainer:
         return exit_code
 
     def _done(self, start) -> bool:
-        if self.cfg["max_steps"] and self.step >= self.cfg["max_steps"]:
+        if self.cfg.max_steps and self.step >= self.cfg.max_steps:
             return True
-        if self.cfg["max_steps"] is None and self.setup.loader_epoch() >= self.cfg["epochs"]:
+        if self.cfg.max_steps is None and self.setup.loader_epoch() >= self.cfg.epochs:
             return True
-        if self.cfg["max_time"] and time.perf_counter() - start >= self.cfg["max_time"]:
-            self.log.message(f"--max-time {self.cfg['max_time']}s reached at step {self.step}")
+        if self.cfg.max_time and time.perf_counter() - start >= self.cfg.max_time:
+            self.log.message(f"--max-time {self.cfg.max_time}s reached at step {self.step}")
             return True
         return False
 
     def _optimizer_step(self) -> dict:
         cfg, setup = self.cfg, self.setup
-        micro = [setup.next_batch() for _ in range(cfg["grad_accum"])]
+        micro = [setup.next_batch() for _ in range(cfg.grad_accum)]
         objective = setup.objective
         local_weight = sum(float(objective.weight(b)) for b in micro)
         total_weight = self.dist.all_reduce_sum(local_weight)
@@ -342,7 +286,7 @@ class Trainer:
             grad_norm = self.ds_engine.get_global_grad_norm() or 0.0
         else:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg["grad_clip"] or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg.grad_clip or float("inf"))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -370,7 +314,7 @@ class Trainer:
             return
         raise TrainingDiverged(
             f"step {self.step + 1}: non-finite {' and '.join(bad)} ({', '.join(f'{k} {row[k]}' for k in bad)}); "
-            f"stopped without saving it. {self._last_good()} Lower --lr (now {self.cfg['lr']}) or check the data."
+            f"stopped without saving it. {self._last_good()} Lower --lr (now {self.cfg.lr}) or check the data."
         )
 
     def _check_finite_weights(self):
@@ -380,7 +324,7 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"step {self.step}: {len(bad)} weight tensor(s) are not finite after the update "
                                    f"(e.g. {bad[0]}); stopped without saving them. {self._last_good()} "
-                                   f"Lower --lr (now {self.cfg['lr']}).")
+                                   f"Lower --lr (now {self.cfg.lr}).")
 
     def _last_good(self) -> str:
         steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
@@ -392,7 +336,7 @@ class Trainer:
             return None
         c = self.raw_model.config
         n = self.raw_model.num_params(active=True)
-        flops_per_token = 6 * n + 12 * c.num_hidden_layers * c.hidden_size * self.cfg["seq_len"]
+        flops_per_token = 6 * n + 12 * c.num_hidden_layers * c.hidden_size * self.cfg.seq_len
         return tokens_per_s * flops_per_token / (peak * self.dist.world_size)
 
     # ----------------------------------------------------------------- checkpoints
@@ -462,14 +406,14 @@ class Trainer:
 
     def _prune(self):
         steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
-        for _, path in steps[: -self.cfg["keep"]]:
+        for _, path in steps[: -self.cfg.keep]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self):
         ckpt = resolve_checkpoint(self.out)
         state_dir = ckpt / "trainer_state"
         ds_dir = state_dir / "deepspeed"
-        if ds_dir.exists() != bool(self.cfg["deepspeed"]):
+        if ds_dir.exists() != bool(self.cfg.deepspeed):
             raise UsageError(f"--resume: {ckpt} was {'' if ds_dir.exists() else 'not '}written by a DeepSpeed run; "
                              "resume it the same way")
         state = _read_json(state_dir / "state.json")
@@ -477,7 +421,7 @@ class Trainer:
             raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
         saved_data = state.get("data_fingerprint")
         if saved_data is not None and saved_data != self.data_fingerprint:
-            raise UsageError(f"--resume: --data {self.cfg['data']} is not the data this run was trained on (data "
+            raise UsageError(f"--resume: --data {self.cfg.data} is not the data this run was trained on (data "
                              f"fingerprint {self.data_fingerprint}, {state_dir / 'state.json'} has {saved_data}), "
                              "so its saved data position would be wrong; to train on new data start a new run "
                              f"with --init {ckpt}")

@@ -29,6 +29,14 @@ def run(cmd, timeout=600):
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(*args):
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(ROOT / "train.py"), *map(str, args)])
@@ -111,7 +119,7 @@ def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
     if shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("deepspeed launcher not installed")
     cfg = ROOT / "configs" / "deepspeed" / "zero2.json"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29731",
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(ROOT / "train.py"), "--stage", "pretrain", *ARGS[:-6], "--max-steps", "20", "--lr", "3e-3",
            "--batch-size", "4", "--data", str(prepared["pretrain"]), "--out", str(tmp_path / "ds"),
            "--deepspeed", str(cfg), "--save-every", "10", "--keep", "5"]

@@ -18,8 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from minimind.data.prepare import CHAT_STAGES, FORMAT_VERSION
+from minimind.data.prepare import FORMAT_VERSION
 from minimind.data.tokenizer import tokenizer_fingerprint
+from minimind.recipes import CHAT_DATA, DATA
 
 IGNORE = -100
 STATE_VERSION = 1
@@ -145,10 +146,11 @@ class Loader:
             raise DataError(f"need 0 <= rank < world_size, batch_size >= 1, seq_len >= 2; got rank {rank}, "
                             f"world_size {world_size}, batch_size {batch_size}, seq_len {seq_len}")
         self.data, self.stage, self.seed = data, stage, seed
+        self.layout = DATA[stage].layout
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.packed = packed and stage in CHAT_STAGES
+        self.packed = packed and self.layout == "chat"
         # a chat longer than T keeps its first T tokens; pretrain needs no per-document list
-        self.capped = np.minimum(data.lengths, seq_len).tolist() if stage in CHAT_STAGES + ("dpo",) else None
+        self.capped = np.minimum(data.lengths, seq_len).tolist() if self.layout in ("chat", "pairs") else None
         self._epoch, self._row, self._consumed = 0, 0, 0
         self._plans: dict[int, object] = {}
         if self._num_rows(0) == 0:
@@ -161,9 +163,9 @@ class Loader:
             for old in [e for e in self._plans if e < epoch - 1]:
                 del self._plans[old]
             rng = np.random.default_rng([self.seed, epoch])
-            if self.stage == "pretrain":
+            if self.layout == "text":
                 plan = rng.permutation((self.data.meta["num_tokens"] - 1) // self.seq_len)
-            elif self.stage == "dpo":
+            elif self.layout == "pairs":
                 plan = rng.permutation(self.data.num_docs // 2)
             elif self.packed:
                 plan = pack(self.capped, rng.permutation(self.data.num_docs), self.seq_len)
@@ -194,12 +196,12 @@ class Loader:
     def __next__(self):
         rows = self._next_rows(self.batch_size * self.world_size)
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        if self.stage == "pretrain":
+        if self.layout == "text":
             return self._windows(mine)
-        if self.stage == "dpo":
+        if self.layout == "pairs":
             pairs = np.asarray(mine, dtype=np.int64)
             return PairBatch(self._padded(2 * pairs), self._padded(2 * pairs + 1))
-        if self.stage == "grpo":
+        if self.layout == "prompts":
             return PromptBatch([self._doc(d).tolist() for d in mine], [self.data.answers[d] for d in mine])
         return self._packed(mine) if self.packed else self._padded(mine)
 
@@ -283,7 +285,7 @@ class Loader:
 
 def _check_stage(data: Prepared, stage: str) -> None:
     prepared = data.meta["stage"]
-    ok = prepared == stage or (stage in CHAT_STAGES and prepared in CHAT_STAGES)
+    ok = prepared == stage or (stage in CHAT_DATA and prepared in CHAT_DATA)  # one conversation format
     if not ok:
         raise DataError(f"{data.path} holds {prepared!r} data, which the {stage!r} stage cannot use")
 

@@ -43,11 +43,9 @@ from minimind.data.tokenizer import (
     read_tokenizer,
     tokenizer_fingerprint,
 )
-from minimind.recipes import CHAT_DATA, DATA_KINDS
+from minimind.recipes import DATA, DATA_KINDS
 
 FORMAT_VERSION = 1
-STAGES = DATA_KINDS  # the data kinds of minimind.recipes
-CHAT_STAGES = tuple(sorted(CHAT_DATA))
 ROLES = ("system", "user", "assistant")
 BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish together on small files
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")
@@ -72,9 +70,10 @@ def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fa
 class _Encoder:
     def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True):
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
+        self.kind = DATA[stage]
         self.tok = read_tokenizer(tokenizer)
         self.fast, self.why_slow = load_fast(tokenizer) if fast else (None, "disabled")
-        self.render = ChatRenderer(tokenizer) if stage != "pretrain" else None
+        self.render = ChatRenderer(tokenizer) if self.kind.layout != "text" else None
         self.eos = self.tok.token_to_id(PAD)
         self.im_end = self.tok.token_to_id(IM_END)
         self.dtype = np.uint16 if self.tok.get_vocab_size() <= 1 << 16 else np.uint32
@@ -95,14 +94,14 @@ class _Encoder:
 
     def texts(self, obj: dict) -> list[str]:
         """The texts to tokenize for one line: 1, or 2 for a dpo pair (chosen, rejected). Raises _Bad."""
-        if self.stage == "pretrain":
+        if self.kind.layout == "text":
             text = obj.get("text")
             if not isinstance(text, str):
                 raise _Bad('missing field "text"' if text is None else '"text" must be a string')
             if not text.strip():
                 raise _Bad('empty "text"')
             return [text]
-        if self.stage == "dpo":
+        if self.kind.layout == "pairs":
             chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
                 raise _Bad('"chosen" and "rejected" must end with an assistant turn')
@@ -110,7 +109,7 @@ class _Encoder:
                 raise _Bad('"chosen" and "rejected" must share the prompt (all turns but the last)')
             return [self.render(chosen), self.render(rejected)]
         msgs = _messages(obj, "conversations")
-        if self.stage == "grpo":
+        if self.kind.layout == "prompts":
             return [self.render(_prompt_turns(msgs), add_generation_prompt=True)]
         return [self.render(msgs)]
 
@@ -138,13 +137,13 @@ class _Encoder:
         """
         text = doc.text
         spans = _assistant_spans(text)
-        if self.stage == "dpo":
+        if self.kind.layout == "pairs":
             spans = spans[-1:]
         codes = bytearray(len(doc.ids))  # bytes, not numpy: a few slices per chat, numpy's call overhead dominates
         for a, b in spans:
             first, last = _token_range(doc, a, b)
             codes[first:last] = b"\x01" * (last - first)
-            if self.stage == "reason":
+            if self.kind.tag_weights:
                 for ta, tb in _tag_spans(text, a, b):
                     t0, t1 = max(doc.token_at(ta), first), doc.token_at(tb - 1) + 1
                     codes[t0:t1] = b"\x02" * (t1 - t0)  # every token a tag overlaps, when it is split
@@ -289,7 +288,7 @@ def encode_block(args) -> dict:
             texts = enc.texts(obj)
             if why := lone_surrogate(raw, texts):
                 raise _Bad(why)
-            answer = _answer(obj) if enc.stage == "grpo" else None
+            answer = _answer(obj) if enc.kind.layout == "prompts" else None
         except _Bad as e:
             out.bad += 1
             if not settings["skip_bad"]:
@@ -315,12 +314,12 @@ class _Block:
         self.error = None
 
     def add_line(self, enc: _Encoder, docs, answer) -> None:
-        if enc.stage == "pretrain":
+        if enc.kind.layout == "text":
             ids = docs[0].ids
             if len(ids) >= enc.max_seq_len:
                 ids, self.truncated = ids[: enc.max_seq_len - 1], self.truncated + 1
             self._doc(ids + [enc.eos], None, 0)
-        elif enc.stage == "grpo":
+        elif enc.kind.layout == "prompts":
             ids = docs[0].ids
             if len(ids) > enc.max_seq_len:
                 self.too_long += 1
@@ -380,12 +379,13 @@ class _Writer:
     """Appends worker results, in input order, to the files of a prepared directory being built."""
 
     def __init__(self, tmp: Path, stage: str):
-        self.stage, self.tmp = stage, tmp
+        self.stage, self.tmp, self.kind = stage, tmp, DATA[stage]
+        layout = self.kind.layout
         self.files = {"tokens": open(tmp / "tokens.bin", "wb"), "offsets": open(tmp / "offsets.bin", "wb"),
                       "prompt_lens": open(tmp / "prompt_lens.bin", "wb")}
-        if stage != "pretrain" and stage != "grpo":
+        if layout in ("chat", "pairs"):  # loss weights per token
             self.files["weights"] = open(tmp / "weights.bin", "wb")
-        if stage == "grpo":
+        if layout == "prompts":
             self.answers = open(tmp / "answers.jsonl", "w", encoding="utf-8")
         self.num_tokens = self.num_docs = self.num_weighted = 0
         self.counts = dict.fromkeys(COUNTS, 0)
@@ -411,7 +411,7 @@ class _Writer:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-        if self.stage == "grpo":
+        if self.kind.layout == "prompts":
             self.answers.close()
 
 
@@ -485,8 +485,8 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
 
 
 def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int, workers: int) -> None:
-    if stage not in STAGES:
-        raise PrepareError(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
+    if stage not in DATA_KINDS:
+        raise PrepareError(f"--stage: {stage!r} is not one of {', '.join(DATA_KINDS)}")
     if not input.is_file():
         raise PrepareError(f"{input}: no such file")
     if not (tokenizer / "tokenizer.json").is_file():
@@ -531,7 +531,7 @@ def _meta(stage, input: Path, tokenizer: Path, max_seq_len, tag_weight, enc: _En
         "num_docs": writer.num_docs,
         "num_tokens": writer.num_tokens,
         "num_weighted_tokens": writer.num_weighted,
-        "weight_values": [0.0, 1.0, float(tag_weight) if stage == "reason" else 1.0],
+        "weight_values": [0.0, 1.0, float(tag_weight) if DATA[stage].tag_weights else 1.0],
         "encoder": " + ".join(sorted(writer.encoders)),  # tiktoken where it gives tokenizers' ids (fastbpe.py)
         "counts": writer.counts,
         "files": {p.name: p.stat().st_size for p in sorted(writer.tmp.iterdir())},

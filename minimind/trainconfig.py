@@ -1,0 +1,136 @@
+"""Every knob of a training run, with its default, in one dataclass: `TrainConfig`.
+
+`train.py`'s flags are checked against it (tests/test_trainconfig.py) and take their defaults from
+it; a knob whose default depends on the stage is None here and filled from the stage's record
+(recipes.py) by `resolve`. A run's `run.json` is `dataclasses.asdict` of the resolved config.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+
+from minimind.errors import UsageError
+from minimind.recipes import STAGES
+
+STAGE_DEFAULT = None  # "the stage's record decides" (recipes.Stage)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    stage: str
+    # where from, where to
+    model: str | None = None  # a fresh preset; `tiny` when neither --model nor --init is given
+    init: str | None = None  # a checkpoint or run dir to start from
+    overrides: list[str] = dataclasses.field(default_factory=list)  # --set FIELD=VALUE on a fresh model
+    data: str | None = None
+    val_data: str | None = None
+    eval_every: int | None = None
+    tokenizer: str | None = None
+    out: str | None = None  # runs/<stage>
+    resume: bool = False
+    deepspeed: str | None = None
+    # how long: --max-steps, else --epochs (1.0); --max-time stops either early
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_time: float | None = None
+    # the optimizer step
+    batch_size: int | None = STAGE_DEFAULT
+    seq_len: int | None = STAGE_DEFAULT
+    grad_accum: int = 1
+    lr: float | None = STAGE_DEFAULT
+    min_lr: float | None = None  # lr / 10
+    warmup_steps: int | None = STAGE_DEFAULT
+    weight_decay: float | None = STAGE_DEFAULT
+    grad_clip: float = 1.0
+    dtype: str | None = None  # bf16 on CUDA where supported, else fp32
+    device: str = "auto"
+    compile: bool = False
+    kernels: str = "auto"
+    grad_checkpointing: bool = False
+    no_packing: bool = False
+    seed: int = 0
+    # bookkeeping
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    wandb: bool = False
+    # per objective
+    ref: str | None = None  # dpo, grpo: the reference model (default: --init)
+    beta: float | None = STAGE_DEFAULT  # dpo, grpo
+    teacher: str | None = None  # distill
+    temperature: float = 1.5  # distill
+    alpha: float = 0.5  # distill
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str | None = None  # comma-separated module names (default: every projection)
+    group_size: int = 4  # grpo
+    max_new_tokens: int = 64  # grpo
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "beta")
+PATH_FIELDS = ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed")
+# float knobs that must be finite (an `inf` learning rate trains NaN without a word), and positive ones
+FINITE = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha", "epochs",
+          "max_time")
+POSITIVE = ("lr", "epochs", "max_time", "temperature", "lora_alpha")
+
+
+def default(name: str):
+    """A knob's default as argparse should show it (None for one the stage decides)."""
+    f = FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def resolve(args) -> TrainConfig:
+    """argparse's namespace -> the run's config: stage defaults filled, combinations checked."""
+    stage = STAGES[args.stage]
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    if cfg.resume and cfg.out is None:
+        raise UsageError("--resume needs --out (the run directory to continue)")
+    if cfg.out is None:
+        cfg.out = str(Path("runs") / cfg.stage)  # an existing non-empty one is refused later, naming it
+    if stage.needs_init and cfg.init is None and not cfg.resume:
+        raise UsageError(f"--stage {cfg.stage} needs --init CKPT (e.g. the pretrain or SFT run)")
+    if cfg.init is None and cfg.model is None and not cfg.resume:
+        cfg.model = "tiny"
+    if cfg.data is None:
+        raise UsageError("--data PATH is required (a prepared data dir or a raw .jsonl)")
+    if cfg.overrides and cfg.init is not None:
+        raise UsageError("--set changes the architecture of a fresh --model; it cannot be used with --init")
+    if stage.needs_teacher and cfg.teacher is None:
+        raise UsageError(f"--stage {cfg.stage} needs --teacher CKPT")
+    if cfg.eval_every and cfg.val_data is None:
+        raise UsageError("--eval-every needs --val-data PATH")
+    for name in STAGE_FIELDS:
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, getattr(stage, name))
+    if cfg.min_lr is None:
+        cfg.min_lr = cfg.lr / 10
+    if cfg.max_steps is None and cfg.epochs is None:
+        cfg.epochs = 1.0
+    _check_numbers(cfg)
+    for name in PATH_FIELDS:
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
+    return cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name in FINITE:
+        value = getattr(cfg, name)
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if name in POSITIVE and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
