@@ -32,6 +32,13 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# what a training run adds to a checkpoint to resume it (train.py writes and reads them); no pickle but the
+# optimizer's tensors, which load with torch's weights-only unpickler
+TRAINER_STATE = "trainer_state"
+STATE_FILE = "state.json"  # step, tokens seen, data position and fingerprint, world size, stage
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"  # random state and loss scale
+DEEPSPEED_STATE = "deepspeed"  # DeepSpeed's own files instead of optimizer.pt
 # a LoRA checkpoint: the adapter alone, with the path and fingerprint of its base checkpoint
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"

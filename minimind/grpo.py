@@ -1,19 +1,20 @@
 """GRPO (DeepSeekMath, arXiv:2402.03300): sample a group of completions per prompt with the KV-cached
 engine, score them with rule rewards, and push up the log-probs of completions that beat their
-group's mean, with a clipped ratio and a k3 KL penalty to a frozen reference.
+group's mean, with a clipped ratio and a k3 KL penalty to a frozen reference. The batches are
+rollouts (GRPOSetup, here); the loss is objectives.GRPO, beside the other objectives.
 
 Rewards: exact match on the rlaif `answer` (1), the <think>/<answer> format (0.2), minus penalties
 for running out of tokens without stopping (0.1) and for repeated trigrams (up to 0.2).
 """
 
 import re
-from typing import NamedTuple
 
 import torch
 
 from minimind.data.loader import open_prepared
 from minimind.errors import UsageError
 from minimind.linear import drop_packed
+from minimind.objectives import GRPO, RolloutBatch, token_logps
 from minimind.stages import Setup
 
 _NUMBER = re.compile(r"-?\d+")
@@ -48,47 +49,6 @@ def repetition(text: str) -> float:
     if len(grams) < 8:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
-
-
-class RolloutBatch(NamedTuple):
-    input_ids: torch.Tensor  # (R, T) prompt + completion, R = prompts * group size
-    targets: torch.Tensor  # (R, T) next tokens, -100 outside the completion
-    weights: torch.Tensor  # (R, T) 1 on completion targets
-    position_ids: torch.Tensor | None
-    advantages: torch.Tensor  # (R,)
-    old_logp: torch.Tensor  # (R, T) policy log-probs at sampling time
-    ref_logp: torch.Tensor  # (R, T)
-    reward: torch.Tensor  # (R,)
-
-
-def token_logps(model, ids, targets):
-    logits = model(ids).logits.float()  # (R, T, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return logp * (targets != -100)
-
-
-class GRPO:
-    metrics = ("reward", "kl")
-
-    def __init__(self, beta: float, clip_eps: float = 0.2):
-        self.beta, self.clip = beta, clip_eps
-
-    def weight(self, batch) -> torch.Tensor:
-        return batch.weights.sum()
-
-    def __call__(self, model, batch):
-        logp = token_logps(model, batch.input_ids, batch.targets)
-        ratio = torch.exp(logp - batch.old_logp)
-        adv = batch.advantages.unsqueeze(1)
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
-        log_r = batch.ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
-        per_token = -(surrogate - self.beta * kl) * batch.weights
-        w = batch.weights
-        with torch.no_grad():
-            kl_mean = (kl * w).sum() / w.sum().clamp_min(1)
-        zero = per_token.new_zeros(())
-        return per_token.sum(), zero, {"reward": batch.reward.mean(), "kl": kl_mean}
 
 
 class GRPOSetup(Setup):

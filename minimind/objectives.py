@@ -5,6 +5,8 @@ micro-batches, all ranks), so accumulation and DDP give the same update as one b
 Shapes: B rows, T time, V vocab; N = B*T flattened tokens.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -136,3 +138,45 @@ class Distill:
         with torch.no_grad():
             kl_mean = (kl * w).sum() / w.sum().clamp_min(1e-12)
         return (per_token * w).sum(), out.aux_loss, {"kl": kl_mean}
+
+
+# ----------------------------------------------------------------- GRPO (batches: grpo.GRPOSetup's rollouts)
+class RolloutBatch(NamedTuple):
+    input_ids: torch.Tensor  # (R, T) prompt + completion, R = prompts * group size
+    targets: torch.Tensor  # (R, T) next tokens, -100 outside the completion
+    weights: torch.Tensor  # (R, T) 1 on completion targets
+    position_ids: torch.Tensor | None
+    advantages: torch.Tensor  # (R,)
+    old_logp: torch.Tensor  # (R, T) policy log-probs at sampling time
+    ref_logp: torch.Tensor  # (R, T)
+    reward: torch.Tensor  # (R,)
+
+
+def token_logps(model, ids, targets):
+    logits = model(ids).logits.float()  # (R, T, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return logp * (targets != -100)
+
+
+class GRPO:
+    metrics = ("reward", "kl")
+
+    def __init__(self, beta: float, clip_eps: float = 0.2):
+        self.beta, self.clip = beta, clip_eps
+
+    def weight(self, batch) -> torch.Tensor:
+        return batch.weights.sum()
+
+    def __call__(self, model, batch):
+        logp = token_logps(model, batch.input_ids, batch.targets)
+        ratio = torch.exp(logp - batch.old_logp)
+        adv = batch.advantages.unsqueeze(1)
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+        log_r = batch.ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || ref), >= 0
+        per_token = -(surrogate - self.beta * kl) * batch.weights
+        w = batch.weights
+        with torch.no_grad():
+            kl_mean = (kl * w).sum() / w.sum().clamp_min(1)
+        zero = per_token.new_zeros(())
+        return per_token.sum(), zero, {"reward": batch.reward.mean(), "kl": kl_mean}

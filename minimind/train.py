@@ -1,8 +1,10 @@
 """`train.py --stage STAGE`: one training loop for every objective (SPEC §5).
 
-A stage is (data kind, objective, trainable parameters). The loop owns precision, accumulation,
-clipping, schedule, logging, checkpoints and resume, each written once. Usage problems (bad flag
-combinations, wrong data for the stage, mismatched checkpoints) raise UsageError -> exit 2.
+The run's knobs are a TrainConfig (trainconfig.py); what a stage is, its record in recipes.py; what
+it builds (model, data, objective), a Setup (stages.py, grpo.py). The loop owns precision,
+accumulation, clipping, schedule, logging, checkpoints and resume, each written once, and never asks
+which stage it runs. Usage problems (bad flag combinations, wrong data for the stage, mismatched
+checkpoints) raise UsageError -> exit 2; a diverging run raises TrainingDiverged -> exit 1.
 """
 
 import json
@@ -20,7 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimind.checkpoint import STEP_DIR, CheckpointError, atomic_dir, load_error, read_json, resolve_checkpoint
+from minimind.checkpoint import (
+    DEEPSPEED_STATE,
+    OPTIMIZER_FILE,
+    RNG_JSON,
+    RNG_TENSORS,
+    STATE_FILE,
+    STEP_DIR,
+    TRAINER_STATE,
+    CheckpointError,
+    atomic_dir,
+    load_error,
+    read_json,
+    resolve_checkpoint,
+)
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
@@ -372,17 +387,17 @@ class Trainer:
         self.setup.write_weights(tmp)
         if self.setup.tokenizer_dir is not None:
             copy_tokenizer(self.setup.tokenizer_dir, tmp)
-        state_dir = tmp / "trainer_state"
+        state_dir = tmp / TRAINER_STATE
         state_dir.mkdir(exist_ok=True)
         if not deepspeed:
-            torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")  # read back with weights_only
+            torch.save(self.optimizer.state_dict(), state_dir / OPTIMIZER_FILE)  # read back with weights_only
         _write_rng_state(state_dir, scaler=self.scaler.state_dict())
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
             "world_size": self.dist.world_size, "data": self.setup.loader_state(), "stage": self.stage,
             "data_fingerprint": self.data_fingerprint,
         }
-        (state_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     def _save_deepspeed(self):
         """Every rank writes its optimizer shard with DeepSpeed's own saver into a shared temp dir; rank
@@ -393,9 +408,9 @@ class Trainer:
         tmp = self.out / f".tmp-{target.name}-deepspeed"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "trainer_state").mkdir(parents=True)
+            (tmp / TRAINER_STATE).mkdir(parents=True)
         self.dist.barrier()
-        self.ds_engine.save_checkpoint(str(tmp / "trainer_state" / "deepspeed"), tag="state")
+        self.ds_engine.save_checkpoint(str(tmp / TRAINER_STATE / DEEPSPEED_STATE), tag="state")
         self.dist.barrier()
         if self.dist.is_main:
             self._fill_checkpoint(tmp, deepspeed=True)
@@ -411,25 +426,25 @@ class Trainer:
 
     def _resume(self):
         ckpt = resolve_checkpoint(self.out)
-        state_dir = ckpt / "trainer_state"
-        ds_dir = state_dir / "deepspeed"
+        state_dir = ckpt / TRAINER_STATE
+        ds_dir = state_dir / DEEPSPEED_STATE
         if ds_dir.exists() != bool(self.cfg.deepspeed):
             raise UsageError(f"--resume: {ckpt} was {'' if ds_dir.exists() else 'not '}written by a DeepSpeed run; "
                              "resume it the same way")
-        state = _read_json(state_dir / "state.json")
+        state = _read_json(state_dir / STATE_FILE)
         if state.get("stage") != self.stage:
             raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
         saved_data = state.get("data_fingerprint")
         if saved_data is not None and saved_data != self.data_fingerprint:
             raise UsageError(f"--resume: --data {self.cfg.data} is not the data this run was trained on (data "
-                             f"fingerprint {self.data_fingerprint}, {state_dir / 'state.json'} has {saved_data}), "
+                             f"fingerprint {self.data_fingerprint}, {state_dir / STATE_FILE} has {saved_data}), "
                              "so its saved data position would be wrong; to train on new data start a new run "
                              f"with --init {ckpt}")
         try:  # weights_only: a tensor-only unpickler that runs no code from the file
-            opt = None if ds_dir.exists() else torch.load(state_dir / "optimizer.pt", map_location=self.device,
+            opt = None if ds_dir.exists() else torch.load(state_dir / OPTIMIZER_FILE, map_location=self.device,
                                                           weights_only=True)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise CheckpointError(f"{state_dir / 'optimizer.pt'}: cannot resume from it ({load_error(e)})") from None
+            raise CheckpointError(f"{state_dir / OPTIMIZER_FILE}: cannot resume from it ({load_error(e)})") from None
         if ds_dir.exists():
             from minimind.distributed import vet_deepspeed_state
 
@@ -460,8 +475,7 @@ def _read_json(file: Path) -> dict:
     return read_json(file, context=", cannot resume")
 
 
-# Random state and loss scale as tensors (safetensors) + JSON: nothing on resume is a pickle
-RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
+# Random state and loss scale as tensors (safetensors) + JSON (checkpoint.RNG_TENSORS, RNG_JSON): no pickle
 
 
 def _write_rng_state(state_dir: Path, scaler: dict) -> None:
