@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minimind import distributed
 from minimind.checkpoint import (
     DEEPSPEED_STATE,
     OPTIMIZER_FILE,
@@ -32,13 +33,16 @@ from minimind.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     atomic_dir,
+    copy_tokenizer,
     load_error,
     read_json,
     resolve_checkpoint,
 )
 from minimind.errors import TrainingDiverged, UsageError
+from minimind.grpo import GRPOSetup
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
+from minimind.stages import Setup
 from minimind.trainconfig import TrainConfig, resolve
 from minimind.trainlog import RunLog
 
@@ -102,8 +106,6 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 class Trainer:
     def __init__(self, args):
-        from minimind import distributed
-
         self.cfg = resolve_args(args)
         self.stage = args.stage
         self.dist = distributed.setup(self.cfg)
@@ -130,10 +132,6 @@ class Trainer:
             raise
 
     def _build(self):
-        from minimind import distributed
-        from minimind.grpo import GRPOSetup
-        from minimind.stages import Setup
-
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
         setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
         self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
@@ -382,8 +380,6 @@ class Trainer:
         self.dist.barrier()
 
     def _fill_checkpoint(self, tmp: Path, deepspeed: bool = False):
-        from minimind.checkpoint import copy_tokenizer
-
         self.setup.write_weights(tmp)
         if self.setup.tokenizer_dir is not None:
             copy_tokenizer(self.setup.tokenizer_dir, tmp)
@@ -446,10 +442,8 @@ class Trainer:
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
             raise CheckpointError(f"{state_dir / OPTIMIZER_FILE}: cannot resume from it ({load_error(e)})") from None
         if ds_dir.exists():
-            from minimind.distributed import vet_deepspeed_state
-
             try:
-                vet_deepspeed_state(ds_dir)
+                distributed.vet_deepspeed_state(ds_dir)
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
         rng = _read_rng_state(state_dir)
