@@ -1,4 +1,7 @@
-"""Checkpoint directories (SPEC §5): config.json + model.safetensors + tokenizer files.
+"""Checkpoint directories (SPEC §5): config.json + model.safetensors + tokenizer files, or a LoRA
+adapter (adapter_config.json + adapter.safetensors, naming its base), plus trainer_state/ when a run
+wrote it. Everything that knows these file names lives here: writing and loading weights and
+adapters, finding a checkpoint's tokenizer (`tokenizer_dir`), reading its JSON (`read_json`).
 
 A checkpoint is written into a hidden temp directory beside its target and renamed into place, so
 a killed process never leaves a half-written directory under a valid name. Loading checks every
