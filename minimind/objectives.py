@@ -98,8 +98,9 @@ class DPO:
         logp, aux = self._logps(model, ids, targets, weights)
         with torch.no_grad():
             ref_logp, _ = self._logps(self.ref, ids, targets, weights)
-        chosen = self.beta * (logp[:b] - ref_logp[:b])
-        rejected = self.beta * (logp[b:] - ref_logp[b:])
+        (logp_c, logp_r), (ref_c, ref_r) = logp.split(b), ref_logp.split(b)  # chosen rows first
+        chosen = self.beta * (logp_c - ref_c)
+        rejected = self.beta * (logp_r - ref_r)
         loss = -F.logsigmoid(chosen - rejected)  # (B,)
         with torch.no_grad():
             metrics = {

@@ -145,6 +145,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
         self.bad_steps = 0  # consecutive non-finite steps GradScaler skipped (fp16)
+        self.finite, self.last_step = None, None  # all steps since the last check finite (a device bool)
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
         if self.cfg.resume:
@@ -227,13 +228,15 @@ class Trainer:
                        total=self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            row = self._optimizer_step()
-            self._check_finite(row)
+            step = self._optimizer_step()
+            self._watch_finite(step)
             self.step += 1
-            window_tokens += row.pop("_tokens")
-            window_useful += row.pop("_useful")
+            window_tokens += step["_tokens"]
+            window_useful += step["_useful"]
             self.log.advance()
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._check_finite_so_far()
+                row = self._read_row(step)
                 now = time.perf_counter()
                 elapsed = now - last_log_time
                 row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
@@ -267,68 +270,118 @@ class Trainer:
         return False
 
     def _optimizer_step(self) -> dict:
+        """One optimizer step over --grad-accum micro-batches. Nothing here reads a device value back (on
+        CUDA each read is a host sync that stalls the launch queue): the loss, aux loss, metrics and
+        gradient norm stay on the device in the returned row until `_read_row` reads them, once per
+        logged step. Token counts and loss weights come from the batches the loader made, on the host.
+        Known syncs left: GradScaler's inf check (fp16 only), DDP's all-reduce of the step's loss weight,
+        DeepSpeed's grad norm, and GRPO (whose batches are generated)."""
         cfg, setup = self.cfg, self.setup
         micro = [setup.next_batch() for _ in range(cfg.grad_accum)]
         objective = setup.objective
         local_weight = sum(float(objective.weight(b)) for b in micro)
+        tokens = sum(setup.tokens_in(b) for b in micro)
+        useful = sum(setup.useful_in(b) for b in micro)
         total_weight = self.dist.all_reduce_sum(local_weight)
         # each rank's gradient is averaged by DDP (divided by world size), so scale it back up
         scale = self.dist.world_size / max(total_weight, 1e-12)
-        loss_total = torch.zeros((), dtype=torch.float64)
-        aux_total = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, float] = {}
-        tokens = useful = 0
+        sums = None
         for i, batch in enumerate(micro):
             batch = setup.to_device(batch)
             with self.dist.no_sync(self.model, last=i == len(micro) - 1):
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                    loss_sum, aux, metrics = objective(self.model, batch)
-                loss = loss_sum.float() * scale + aux.float() / len(micro)
-                if self.ds_engine is not None:  # deepspeed: it reduces, clips and steps at the boundary
-                    self.ds_engine.backward(loss, scale_wrt_gas=False)
-                    self.ds_engine.step()
-                else:
-                    self.scaler.scale(loss).backward()
-            loss_total += loss_sum.detach().double()
-            aux_total += aux.detach().double() / len(micro)
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / len(micro)
-            tokens += setup.tokens_in(batch)
-            useful += setup.useful_in(batch)
-        if self.ds_engine is not None:
-            grad_norm = self.ds_engine.get_global_grad_norm() or 0.0
-        else:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, cfg.grad_clip or float("inf"))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+                loss, parts = self._micro_loss(batch, scale, len(micro))
+                self._backward(loss)
+            sums = self._accumulate(sums, parts, len(micro))
+        grad_norm = self._update()
         setup.after_step()
-        loss_value = self.dist.all_reduce_sum(float(loss_total)) / max(total_weight, 1e-12)
         tokens, useful = self.dist.all_reduce_sum(tokens), self.dist.all_reduce_sum(useful)
         self.tokens_seen += tokens
-        row = {"loss": loss_value, "grad_norm": float(grad_norm), "_tokens": tokens, "_useful": useful}
-        if self.raw_model.config.use_moe:
-            row["aux_loss"] = self.dist.all_reduce_sum(float(aux_total)) / self.dist.world_size
-        for k, v in metric_sums.items():
-            row[k] = self.dist.all_reduce_sum(v) / self.dist.world_size
-        return row
+        return {"_sums": sums, "_grad_norm": grad_norm, "_weight": total_weight, "_tokens": tokens,
+                "_useful": useful}
 
-    def _check_finite(self, row: dict):
-        """Stops at the first non-finite loss or gradient norm, before anything of it is saved. Under fp16,
-        GradScaler skips a step with inf/NaN gradients by design and lowers its scale, so only a run of
-        such steps stops it."""
+    def _micro_loss(self, batch, scale: float, n_micro: int):
+        """Forward and loss of one micro-batch already on the device. -> (the loss to backpropagate,
+        (summed loss, aux loss, metrics) to accumulate)."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss_sum, aux, metrics = self.setup.objective(self.model, batch)
+        return loss_sum.float() * scale + aux.float() / n_micro, (loss_sum, aux, metrics)
+
+    def _backward(self, loss):
+        if self.ds_engine is not None:  # deepspeed: it reduces, clips and steps at the boundary
+            self.ds_engine.backward(loss, scale_wrt_gas=False)
+            self.ds_engine.step()
+        else:
+            self.scaler.scale(loss).backward()
+
+    @staticmethod
+    def _accumulate(sums: dict | None, parts, n_micro: int) -> dict:
+        """Adds one micro-batch's loss, aux loss and metrics to the step's sums, on the loss's device
+        (fp64: a sum over many micro-batches and ranks). Never a read back to the host."""
+        loss_sum, aux, metrics = parts
+        if sums is None:
+            zero = torch.zeros((), dtype=torch.float64, device=loss_sum.device)
+            sums = {"loss": zero.clone(), "aux_loss": zero.clone()}
+        sums["loss"] += loss_sum.detach().double()
+        sums["aux_loss"] += aux.detach().double() / n_micro
+        for k, v in metrics.items():
+            v = torch.as_tensor(v).detach().double().to(sums["loss"].device)
+            sums[k] = sums[k] + v / n_micro if k in sums else v / n_micro
+        return sums
+
+    def _update(self):
+        """Unscale, clip, step and zero the gradients. -> the gradient norm, a device tensor."""
+        if self.ds_engine is not None:
+            return self.ds_engine.get_global_grad_norm() or 0.0
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.setup.trainable, self.cfg.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _read_row(self, row: dict) -> dict:
+        """The step's numbers as Python floats, reduced over ranks: the one read back per logged step."""
+        sums, weight = row["_sums"], row["_weight"]
+        out = {"loss": self.dist.all_reduce_sum(float(sums["loss"])) / max(weight, 1e-12),
+               "grad_norm": float(row["_grad_norm"])}
+        if self.raw_model.config.use_moe:
+            out["aux_loss"] = self.dist.all_reduce_sum(float(sums["aux_loss"])) / self.dist.world_size
+        for k, v in sums.items():
+            if k not in ("loss", "aux_loss"):
+                out[k] = self.dist.all_reduce_sum(float(v)) / self.dist.world_size
+        return out
+
+    def _watch_finite(self, step: dict):
+        """Keeps, on the device, whether any step since the last check had a non-finite loss or gradient
+        norm; it is read when a step is logged and before every save (`_check_finite_so_far`), so a
+        diverged run stops within --log-every steps and never saves what diverged. Under fp16,
+        GradScaler skips a step with inf/NaN gradients by design and lowers its scale (reading its inf
+        check back anyway), so each step is checked there and only a run of 5 such steps stops."""
+        if self.scaler.is_enabled():
+            self._check_finite(self._read_row(step), self.step + 1)
+            return
+        loss = step["_sums"]["loss"]
+        ok = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(step["_grad_norm"], device=loss.device))
+        self.finite = ok if self.finite is None else self.finite & ok
+        self.last_step = step
+
+    def _check_finite_so_far(self):
+        if self.finite is not None and not bool(self.finite):  # the one read back per log line or save
+            self._check_finite(self._read_row(self.last_step), self.step, window=True)
+        self.finite = None
+
+    def _check_finite(self, row: dict, step: int, window: bool = False):
         bad = [k for k in ("loss", "grad_norm") if not math.isfinite(row[k])]
-        if not bad:
+        if not bad and not window:
             self.bad_steps = 0
             return
         self.bad_steps += 1
         if self.scaler.is_enabled() and self.bad_steps < 5:
             return
-        raise TrainingDiverged(
-            f"step {self.step + 1}: non-finite {' and '.join(bad)} ({', '.join(f'{k} {row[k]}' for k in bad)}); "
-            f"stopped without saving it. {self._last_good()} Lower --lr (now {self.cfg.lr}) or check the data."
-        )
+        what = (f"non-finite {' and '.join(bad)} ({', '.join(f'{k} {row[k]}' for k in bad)})" if bad else
+                "a non-finite loss or grad_norm at an earlier step since the last log line")
+        raise TrainingDiverged(f"step {step}: {what}; stopped without saving it. {self._last_good()} "
+                               f"Lower --lr (now {self.cfg.lr}) or check the data.")
 
     def _check_finite_weights(self):
         if self.ds_engine is not None:  # ZeRO shards: each rank holds a part; the loss check covers it
@@ -368,6 +421,7 @@ class Trainer:
 
     def save(self):
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
+        self._check_finite_so_far()
         self._check_finite_weights()
         if self.ds_engine is not None:
             return self._save_deepspeed()

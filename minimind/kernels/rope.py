@@ -20,8 +20,9 @@ def rope_ref(
     sin: torch.Tensor,  # (P, Dh/2)
     position_ids: torch.Tensor,  # (B, T) int64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    c = cos[position_ids].unsqueeze(2).float()  # (B, T, 1, Dh/2)
-    s = sin[position_ids].unsqueeze(2).float()
+    # a gather by row (embedding), not advanced indexing: the same values, and it also runs under fake CUDA
+    c = torch.nn.functional.embedding(position_ids, cos).unsqueeze(2).float()  # (B, T, 1, Dh/2)
+    s = torch.nn.functional.embedding(position_ids, sin).unsqueeze(2).float()
     return _rotate(q, c, s), _rotate(k, c, s)
 
 
