@@ -62,6 +62,8 @@ def rope(q, k, cos, sin, position_ids):
 
 
 def swiglu(gate, up):
+    # liger's backward writes the gradients into `gate` and `up` (to save memory): fine in the model,
+    # where nothing else reads the two projections, but a caller must not reuse them after backward
     return liger_swiglu(gate, up)
 
 

@@ -40,9 +40,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, row=None, msg: st
 
 def check_against_ref(op, ref, args: tuple, wrt: tuple[int, ...], row=None, msg: str = "") -> None:
     """op(*args) vs ref(*args): every floating output, then the gradient of each args[i] (i in wrt)
-    under one random upstream gradient per output (the same for both)."""
-    leaves = [a.detach().clone().requires_grad_(i in wrt) if torch.is_tensor(a) else a for i, a in enumerate(args)]
-    got, want = _as_tuple(op(*leaves)), _as_tuple(ref(*leaves))
+    under one random upstream gradient per output (the same for both). The kernel and the reference get
+    their own copies of the inputs: a kernel may reuse its inputs' memory in backward (liger's SwiGLU
+    writes its gradients into `gate` and `up`), which must not change what the reference sees."""
+    mine = [a.detach().clone().requires_grad_(i in wrt) if torch.is_tensor(a) else a for i, a in enumerate(args)]
+    theirs = [a.detach().clone().requires_grad_(i in wrt) if torch.is_tensor(a) else a for i, a in enumerate(args)]
+    got, want = _as_tuple(op(*mine)), _as_tuple(ref(*theirs))
     assert len(got) == len(want), f"{msg}: {len(got)} outputs, reference has {len(want)}"
     pairs = [(g, w) for g, w in zip(got, want) if w.is_floating_point()]
     for i, (g, w) in enumerate(pairs):
@@ -50,9 +53,8 @@ def check_against_ref(op, ref, args: tuple, wrt: tuple[int, ...], row=None, msg:
     if not wrt:
         return
     upstream = [torch.randn_like(w) for _, w in pairs]
-    inputs = [leaves[i] for i in wrt]
-    got_grads = torch.autograd.grad([g for g, _ in pairs], inputs, upstream, allow_unused=True)
-    want_grads = torch.autograd.grad([w for _, w in pairs], inputs, upstream, allow_unused=True)
+    got_grads = torch.autograd.grad([g for g, _ in pairs], [mine[i] for i in wrt], upstream, allow_unused=True)
+    want_grads = torch.autograd.grad([w for _, w in pairs], [theirs[i] for i in wrt], upstream, allow_unused=True)
     for i, g, w in zip(wrt, got_grads, want_grads):
         assert (g is None) == (w is None), f"{msg}: grad of arg {i}: kernel gave {g}, reference {w}"
         if w is not None:
