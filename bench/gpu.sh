@@ -1,64 +1,85 @@
 #!/usr/bin/env bash
-# On a lent GPU (an H200 here; see the device notes in DEVELOPERS.md): the GPU kernel tests, the kernel
-# benchmarks (fwd_bwd, hidden 512 and 768, every provider), the copy-bandwidth ceiling and the
-# training-step benchmark, then one short table. About 8 minutes; run from anywhere:
-#     bash bench/gpu.sh [OUT_DIR]        # logs, bench.json and table.md land in OUT_DIR
-# The machine's own python3 (torch, triton, pytest, pytest-benchmark) runs the working tree as it is
-# (PYTHONPATH=.). liger-kernel is used if importable or carried as a wheel in .whl/, else skipped.
+# On a lent GPU (an H200 here): what must run on CUDA, then its figures, in at most 8 minutes.
+#     bash bench/gpu.sh [OUT_DIR]        # default: $OUT, else /tmp/minimind-gpu
+# Parts, in this order, each under its own time limit and each writing its results the moment it ends
+# (a part that hangs, as pytest once did at exit, loses nothing already written):
+#   1 gpu_tests  tests that need CUDA (kernels on the card, the model, every op provider)     110 s
+#   2 stages     every training stage for a few steps on CUDA, a resume, a generation         140 s
+#   3 steps      training-step figures (each model x kernel provider)                          80 s
+#   4 decode     decode batch 1 (needs the serving deps: fastapi, openai; skipped otherwise)   35 s
+#   5 kernels    kernel benchmarks (fwd_bwd, presets small and base, every provider)           55 s
+# (430 s of limits, plus up to 10 s each to kill a part that ignores its limit)
+# then summary.md, one table of what ran. Files in OUT_DIR (8 at most): env.txt, gpu_tests.log,
+# stages.log, steps.jsonl, decode.jsonl, kernels.jsonl, parts.log, summary.md.
+# On a machine without CUDA it says which parts it skipped and exits 0 in seconds.
+# The machine's own python3 runs the working tree as it is (PYTHONPATH=.); liger-kernel is used if
+# importable or carried as a wheel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/minimind-gpu}}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+PARTS="$OUT_DIR/parts.log"
+: >"$PARTS"
 
-if ! $PY -c "import liger_kernel" 2>/dev/null; then
-    if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger-site .whl/liger_kernel-*.whl \
-            && export PYTHONPATH="$PYTHONPATH:/tmp/liger-site"
-    fi
-    $PY -c "import liger_kernel" 2>/dev/null || echo "liger-kernel is not installed: the liger provider is skipped"
+part() {  # part NAME SECONDS COMMAND...: run it under its own limit; one line in parts.log when it ends
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== $name (at most ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    local how="exit $rc"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && how="stopped at its ${limit}s limit"
+    echo "$name: $how, $(( $(date +%s) - start ))s" | tee -a "$PARTS"
+}
+
+skip() {
+    echo "$1: skipped ($2)" | tee -a "$PARTS"
+}
+
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    for name in gpu_tests stages steps decode kernels; do skip "$name" "no CUDA device"; done
+    $PY bench/gpu_summary.py "$OUT_DIR" >"$OUT_DIR/summary.md" && cat "$OUT_DIR/summary.md"
+    exit 0
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 
-echo "== GPU kernel tests"
-timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -8
+if ! $PY -c "import liger_kernel" 2>/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger-site .whl/liger_kernel-*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/liger-site"
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+    $PY -c "import liger_kernel" 2>/dev/null && echo "liger-kernel: yes" || echo "liger-kernel: not installed"
+    date -u +"%Y-%m-%d %H:%M UTC"
+} >"$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
 
-# two runs with their own time limits, so one that overruns still leaves the other's figures
-echo "== kernel benchmarks"
-MINIMIND_BENCH_PRESETS=small,base timeout 300 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py \
-    -k "fwd_bwd or copy" --benchmark-json="$OUT_DIR/bench_kernels.json" --benchmark-columns=mean,rounds \
-    >"$OUT_DIR/bench_kernels.log" 2>&1
-tail -2 "$OUT_DIR/bench_kernels.log"
-echo "== training-step benchmarks"
-timeout 180 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k train_step \
-    --benchmark-json="$OUT_DIR/bench_steps.json" --benchmark-columns=mean,rounds >"$OUT_DIR/bench_steps.log" 2>&1
-tail -2 "$OUT_DIR/bench_steps.log"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+# shellcheck disable=SC2086
+part gpu_tests 110 $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_gpu.py \
+    >"$OUT_DIR/gpu_tests.log" 2>&1
+tail -3 "$OUT_DIR/gpu_tests.log"
 
-$PY - "$OUT_DIR"/bench_kernels.json "$OUT_DIR"/bench_steps.json <<'PYEOF' | tee "$OUT_DIR/table.md"
-import json, os, sys
-from collections import defaultdict
-runs = [b for path in sys.argv[1:] if os.path.exists(path) for b in json.load(open(path))["benchmarks"]]
-copy = next((b["extra_info"].get("gb_per_s") for b in runs if b["name"].startswith("test_copy")), None)
-print(f"device-to-device copy: {copy} GB/s\n")
-rows = defaultdict(dict)
-for b in runs:
-    e = b["extra_info"]
-    if "op" in e:
-        rows[(e["op"], e["preset"])][e["provider"]] = (b["stats"]["mean"] * 1e3, e.get("gb_per_s"), e.get("tflops"), e.get("peak_mib"))
-print("| op (fwd_bwd) | preset | provider | ms | GB/s (% copy) or TFLOP/s | peak MiB | vs ref | vs compile | vs liger |")
-print("|---|---|---|---|---|---|---|---|---|")
-for (op, preset), by in sorted(rows.items()):
-    for prov, (ms, gbs, tfl, peak) in sorted(by.items()):
-        rate = f"{gbs} ({100 * gbs / copy:.0f}%)" if gbs and copy else f"{tfl} TFLOP/s"
-        rel = lambda other: f"{by[other][0] / ms:.2f}x" if other in by else "-"
-        print(f"| {op} | {preset} | {prov} | {ms:.3f} | {rate} | {peak} | {rel('ref')} | {rel('compile')} | {rel('liger')} |")
-steps = [b for b in runs if b["name"].startswith("test_train_step")]
-if steps:
-    print("\n| training step (bf16 autocast) | kernels | ms | tokens/s |")
-    print("|---|---|---|---|")
-    for b in sorted(steps, key=lambda b: b["name"]):
-        e = b["extra_info"]
-        print(f"| {e['model']} | {e['kernels']} | {b['stats']['mean'] * 1e3:.1f} | {e['tokens_per_s']} |")
-PYEOF
+part stages 140 bash bench/gpu_stages.sh "$OUT_DIR/stages.log"
+
+export MINIMIND_BENCH_STREAM="$OUT_DIR/steps.jsonl"
+part steps 80 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k train_step --benchmark-columns=mean,rounds
+
+if $PY -c "import fastapi, openai, uvicorn" 2>/dev/null; then
+    export MINIMIND_BENCH_STREAM="$OUT_DIR/decode.jsonl"
+    part decode 35 $PY -m pytest -q -p no:cacheprovider bench/bench_infer.py -k "decode_batch1 and not interleaved"
+else
+    skip decode "fastapi/openai/uvicorn not installed (carry them in .whl/)"
+fi
+
+export MINIMIND_BENCH_STREAM="$OUT_DIR/kernels.jsonl"
+export MINIMIND_BENCH_PRESETS=small,base
+part kernels 55 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py \
+    -k "fwd_bwd or copy" --benchmark-columns=mean,rounds
+
+$PY bench/gpu_summary.py "$OUT_DIR" >"$OUT_DIR/summary.md"
+cat "$OUT_DIR/summary.md"
