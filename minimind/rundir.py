@@ -77,7 +77,7 @@ class RunDir:
         if self.created:
             try:
                 self.path.rmdir()
-            except OSError:
+            except OSError:  # something appeared meanwhile: leave it
                 pass
 
     def undo(self):
@@ -86,13 +86,7 @@ class RunDir:
         for p in self.path.iterdir():
             if p.name != LOCK_FILE:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        self.release()
-        (self.path / LOCK_FILE).unlink(missing_ok=True)
-        if self.created:
-            try:
-                self.path.rmdir()
-            except OSError:  # something appeared meanwhile: leave it
-                pass
+        self.abandon()
 
 
 def remove_leftovers(path: Path) -> list[str]:

@@ -28,10 +28,6 @@ from minimind.model import MiniMindForCausalLM
 from minimind.recipes import STAGES
 
 
-def _usage(msg):
-    return UsageError(msg)
-
-
 def to_device(x, device):
     if x is None or isinstance(x, (list, str, int, float)):
         return x
@@ -88,7 +84,7 @@ class Setup:
             try:
                 apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets)
             except ValueError as e:
-                raise _usage(str(e)) from None
+                raise UsageError(str(e)) from None
             self.lora_targets = targets
         if cfg.grad_checkpointing:
             model.model.grad_checkpointing = True
@@ -104,7 +100,7 @@ class Setup:
             return config
         self.tokenizer_dir = self._find_tokenizer(config.vocab_size)
         if self.tokenizer_dir is None:
-            raise _usage("--set vocab_size=auto needs a tokenizer: pass --tokenizer DIR")
+            raise UsageError("--set vocab_size=auto needs a tokenizer: pass --tokenizer DIR")
         n = _tokenizer_len(self.tokenizer_dir)
         cfg.overrides = [*overrides, f"vocab_size={-(-n // 64) * 64}"]
         self.trainer.log_message(f"vocab_size=auto: {n} tokens in {self.tokenizer_dir} -> vocab_size "
@@ -115,7 +111,7 @@ class Setup:
         """What would otherwise surface as an IndexError deep in the first step."""
         config, cfg = self.model.config, self.cfg
         if cfg.seq_len > config.max_position_embeddings:
-            raise _usage(f"--seq-len {cfg.seq_len} is longer than the model's context "
+            raise UsageError(f"--seq-len {cfg.seq_len} is longer than the model's context "
                          f"(max_position_embeddings {config.max_position_embeddings})")
         if self.tokenizer_dir is None:
             return
@@ -123,7 +119,7 @@ class Setup:
         fresh = cfg.init is None
         if n > config.vocab_size:
             hint = "--set vocab_size=auto sizes a fresh model to it" if fresh else "pass the model's own tokenizer"
-            raise _usage(f"the tokenizer {self.tokenizer_dir} has {n} tokens but the model's vocab_size is "
+            raise UsageError(f"the tokenizer {self.tokenizer_dir} has {n} tokens but the model's vocab_size is "
                          f"{config.vocab_size}: ids from {config.vocab_size} on have no embedding ({hint})")
         if n < config.vocab_size and fresh:
             self.trainer.log_message(
@@ -163,7 +159,7 @@ class Setup:
             return
         saved = load_config(ckpt)
         if saved.to_dict() != self.model.config.to_dict():
-            raise _usage(f"--resume: {ckpt} has a different architecture than this run's model")
+            raise UsageError(f"--resume: {ckpt} has a different architecture than this run's model")
         load_state_into(self.model, load_weights(ckpt, self.device), ckpt / WEIGHTS_FILE)
 
     # ----------------------------------------------------------------- tokenizer and data
@@ -187,7 +183,7 @@ class Setup:
             return None
         if not self.spec.needs_init and cfg.init is None:  # a fresh model may bring its own tokenizer
             return self._train_tokenizer(data, run_tok, vocab_size)
-        raise _usage(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
+        raise UsageError(f"--data {data} is raw jsonl and no tokenizer is known: pass --tokenizer DIR")
 
     def _train_tokenizer(self, data: Path, out: Path, vocab_size: int) -> Path:
         from minimind.data.tokenizer import train_tokenizer
@@ -211,7 +207,7 @@ class Setup:
         if path.is_dir():
             return path
         if self.tokenizer_dir is None:
-            raise _usage(f"--data {path}: cannot prepare raw jsonl without a tokenizer (pass --tokenizer DIR)")
+            raise UsageError(f"--data {path}: cannot prepare raw jsonl without a tokenizer (pass --tokenizer DIR)")
         from minimind.data.prepare import prepare
         st = path.stat()
         key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, self._fingerprint(), self.cfg.seq_len,
@@ -231,13 +227,14 @@ class Setup:
     def _check_data(self, data_dir: Path):
         meta = _meta(data_dir)
         if meta.get("stage") not in self.spec.accepts:
-            raise _usage(
+            raise UsageError(
                 f"--data {data_dir} was prepared for stage {meta.get('stage')!r}; --stage {self.stage} needs "
                 f"data prepared as {' or '.join(sorted(self.spec.accepts))}"
             )
         if self.tokenizer_dir is not None and meta.get("tokenizer_fingerprint"):
             if meta["tokenizer_fingerprint"] != self._fingerprint():
-                raise _usage(f"--data {data_dir} was tokenized with a different tokenizer than {self.tokenizer_dir}")
+                raise UsageError(f"--data {data_dir} was tokenized with a different tokenizer than "
+                                 f"{self.tokenizer_dir}")
 
     def _make_loader(self, data_dir, seed):
         from minimind.data.loader import make_loader
@@ -338,7 +335,7 @@ def _dpo(setup: Setup):
     cfg = setup.cfg
     ref = setup._frozen(cfg.ref or setup.base_ckpt)
     if ref.config.to_dict() != setup.model.config.to_dict():
-        raise _usage(f"--ref {cfg.ref}: its architecture differs from the policy's (--init)")
+        raise UsageError(f"--ref {cfg.ref}: its architecture differs from the policy's (--init)")
     return objectives.DPO(ref, beta=cfg.beta)
 
 
@@ -346,7 +343,7 @@ def _distill(setup: Setup):
     cfg = setup.cfg
     teacher = setup._frozen(cfg.teacher)
     if teacher.config.vocab_size != setup.model.config.vocab_size:
-        raise _usage(f"--teacher {cfg.teacher}: vocab {teacher.config.vocab_size} != student's "
+        raise UsageError(f"--teacher {cfg.teacher}: vocab {teacher.config.vocab_size} != student's "
                      f"{setup.model.config.vocab_size}")
     return objectives.Distill(teacher, temperature=cfg.temperature, alpha=cfg.alpha)
 

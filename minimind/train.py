@@ -43,7 +43,7 @@ from minimind.grpo import GRPOSetup
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.stages import Setup
-from minimind.trainconfig import TrainConfig, resolve
+from minimind.trainconfig import resolve
 from minimind.trainlog import RunLog
 
 
@@ -63,10 +63,6 @@ def run(args) -> int:
         return 1
     finally:
         trainer.close()
-
-
-def resolve_args(args) -> TrainConfig:
-    return resolve(args)
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,7 +102,7 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 class Trainer:
     def __init__(self, args):
-        self.cfg = resolve_args(args)
+        self.cfg = resolve(args)
         self.stage = args.stage
         self.dist = distributed.setup(self.cfg)
         self.device = pick_device(self.cfg.device) if not self.dist.device else self.dist.device

@@ -75,3 +75,12 @@ def tiny_ckpt(tokenizer_dir, tmp_path_factory) -> Path:
     torch.manual_seed(1234)
     model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch"))
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tokenizer_dir=tokenizer_dir)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a server or rendezvous a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

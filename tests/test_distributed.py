@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 ARGS = ["--model", "tiny", "--seq-len", "64", "--log-every", "1", "--device", "cpu", "--max-steps", "6",
         "--lr", "3e-3", "--warmup-steps", "2", "--seed", "3"]
@@ -28,13 +28,6 @@ def run(cmd, timeout=600):
     assert out.returncode == 0, f"{' '.join(map(str, cmd))}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return out
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args):
@@ -119,7 +112,7 @@ def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
     if shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("deepspeed launcher not installed")
     cfg = ROOT / "configs" / "deepspeed" / "zero2.json"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), "--stage", "pretrain", *ARGS[:-6], "--max-steps", "20", "--lr", "3e-3",
            "--batch-size", "4", "--data", str(prepared["pretrain"]), "--out", str(tmp_path / "ds"),
            "--deepspeed", str(cfg), "--save-every", "10", "--keep", "5"]

@@ -23,7 +23,7 @@ from minimind.checkpoint import load_checkpoint, save_checkpoint
 from minimind.config import ModelConfig
 from minimind.data.tokenizer import load_tokenizer
 from minimind.model import MiniMindForCausalLM
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 SCRIPT = "<think>hm</think>Hi there!"  # what the scripted model answers to any chat
 
@@ -331,20 +331,14 @@ def test_32_concurrent_streams_equal_one_at_a_time(server, client):
 
 
 def test_minimind_serve_cli_and_sigterm(wide_ckpt):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "minimind.cli", "serve", "--ckpt", str(wide_ckpt.parent), "--port", str(port),
          "--max-len", "64"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
+        url = wait_healthy(port)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["run"]  # DIR/step-N serves as DIR's name
         assert c.completions.create(model="run", prompt="hi", max_tokens=3).usage.completion_tokens == 3
@@ -363,12 +357,17 @@ def test_serve_missing_checkpoint_exits_2(tmp_path):
     assert out.returncode == 2 and "nope" in out.stderr
 
 
-def _free_port() -> int:
-    import socket
+def wait_healthy(port: int, tries: int = 240) -> str:
+    """Polls a starting `minimind serve` until /health answers 200 (a minute at most). -> its URL."""
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.25)
+    return url
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("text,reasoning,content", [

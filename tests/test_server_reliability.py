@@ -19,8 +19,8 @@ import pytest
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from infer.server import ServerThread, create_app
-from tests.conftest import ROOT
-from tests.test_server import MSGS, wide_checkpoint
+from tests.conftest import ROOT, free_port
+from tests.test_server import MSGS, wait_healthy, wide_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -261,18 +261,10 @@ def test_serve_on_a_busy_port_exits_nonzero_naming_it(wide_ckpt):
 
 
 def test_serve_logs_its_layout_and_each_request(wide_ckpt):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = _serve("--ckpt", wide_ckpt, "--port", port, "--max-len", 64)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
+        url = wait_healthy(port)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="run", prompt="hi", max_tokens=3)
         proc.send_signal(signal.SIGTERM)

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from infer.engine import Engine
 from infer.server import ServerThread, create_app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.test_server import scripted_checkpoint
 
 APP = str(ROOT / "infer" / "web_demo.py")
@@ -92,13 +92,6 @@ def _browser():
     return chromium, driver
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait(predicate, timeout: float, what: str):
     deadline = time.time() + timeout
@@ -115,7 +108,7 @@ def _wait(predicate, timeout: float, what: str):
 
 def test_real_browser_sends_a_message_and_sees_the_streamed_reply(scripted, tmp_path):
     chromium, driver = _browser()
-    app_port, driver_port = _free_port(), _free_port()
+    app_port, driver_port = free_port(), free_port()
     procs = []
     try:
         procs.append(subprocess.Popen(
