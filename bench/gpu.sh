@@ -3,17 +3,19 @@
 #     bash bench/gpu.sh [OUT_DIR]        # default: $OUT, else /tmp/minimind-gpu
 # Parts, in this order, each under its own time limit and each writing its results the moment it ends
 # (a part that hangs, as pytest once did at exit, loses nothing already written):
-#   1 gpu_tests  tests that need CUDA (kernels on the card, the model, every op provider)     110 s
-#   2 stages     every training stage for a few steps on CUDA, a resume, a generation         140 s
-#   3 steps      training-step figures (each model x kernel provider)                          80 s
+#   1 gpu_tests  tests that need CUDA (kernels on the card, the model, every op provider)      90 s
+#   2 stages     every stage, resume, fp16, --compile, torchrun, no host syncs in the step,
+#                then serve/chat/eval/export from the CUDA run (bench/gpu_stages.sh)          170 s
+#   3 steps      training-step figures (each model x kernel provider)                          75 s
 #   4 decode     decode batch 1 (needs the serving deps: fastapi, openai; skipped otherwise)   35 s
-#   5 kernels    kernel benchmarks (fwd_bwd, presets small and base, every provider)           55 s
-# (430 s of limits, plus up to 10 s each to kill a part that ignores its limit)
+#   5 kernels    kernel benchmarks (fwd_bwd, presets small and base, every provider)           50 s
+# (420 s of limits, plus up to 10 s each to kill a part that ignores its limit)
 # then summary.md, one table of what ran. Files in OUT_DIR (8 at most): env.txt, gpu_tests.log,
 # stages.log, steps.jsonl, decode.jsonl, kernels.jsonl, parts.log, summary.md.
 # On a machine without CUDA it says which parts it skipped and exits 0 in seconds.
 # The machine's own python3 runs the working tree as it is (PYTHONPATH=.); liger-kernel is used if
-# importable or carried as a wheel in .whl/.
+# importable, and fastapi/uvicorn/openai (serve, decode) too, if carried as wheels in .whl/ (made by
+# bench/gpu_wheels.sh on a machine with PyPI; the device tool carries .whl/ along).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/minimind-gpu}}
@@ -46,9 +48,10 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     exit 0
 fi
 
-if ! $PY -c "import liger_kernel" 2>/dev/null && ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger-site .whl/liger_kernel-*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/liger-site"
+# the machine has no network: what the serving checks and the liger peer need comes as wheels in .whl/
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/minimind-site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/minimind-site"
 fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -60,14 +63,14 @@ cat "$OUT_DIR/env.txt"
 
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 # shellcheck disable=SC2086
-part gpu_tests 110 $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_gpu.py \
+part gpu_tests 90 $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_gpu.py \
     >"$OUT_DIR/gpu_tests.log" 2>&1
 tail -3 "$OUT_DIR/gpu_tests.log"
 
-part stages 140 bash bench/gpu_stages.sh "$OUT_DIR/stages.log"
+part stages 170 bash bench/gpu_stages.sh "$OUT_DIR/stages.log"
 
 export MINIMIND_BENCH_STREAM="$OUT_DIR/steps.jsonl"
-part steps 80 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k train_step --benchmark-columns=mean,rounds
+part steps 75 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k train_step --benchmark-columns=mean,rounds
 
 if $PY -c "import fastapi, openai, uvicorn" 2>/dev/null; then
     export MINIMIND_BENCH_STREAM="$OUT_DIR/decode.jsonl"
@@ -78,7 +81,7 @@ fi
 
 export MINIMIND_BENCH_STREAM="$OUT_DIR/kernels.jsonl"
 export MINIMIND_BENCH_PRESETS=small,base
-part kernels 55 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py \
+part kernels 50 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py \
     -k "fwd_bwd or copy" --benchmark-columns=mean,rounds
 
 $PY bench/gpu_summary.py "$OUT_DIR" >"$OUT_DIR/summary.md"

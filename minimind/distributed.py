@@ -36,6 +36,24 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_reduce_sums(self, values: list[float]) -> list[float]:
+        """Several sums in one collective (and one read back)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_reduce_sum_on_device(self, value: float):
+        """The sum over ranks left on the device, so the step goes on without waiting for it. -> `value`
+        itself when single-process, else a float64 device tensor (made by a fill kernel: copying a Python
+        number in would be a blocking host-to-device copy)."""
+        if not self.enabled:
+            return value
+        t = torch.full((), float(value), dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t
+
     def _comm_device(self):
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
 

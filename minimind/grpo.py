@@ -71,6 +71,10 @@ class GRPOSetup(Setup):
             raise UsageError(f"--data {data_dir} was prepared for stage {open_prepared(data_dir).meta.get('stage')!r}; "
                              "--stage grpo needs data prepared as grpo (rlaif prompts)")
 
+    def next_step(self, n: int) -> list[tuple]:
+        """Rollouts need the policy as it is now, so nothing is read ahead; they are made on the device."""
+        return [(b, b) for b in (self.next_batch() for _ in range(n))]
+
     def next_batch(self):
         from infer.engine import SamplingParams
 

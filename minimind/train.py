@@ -140,8 +140,10 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
-        self.bad_steps = 0  # consecutive non-finite steps GradScaler skipped (fp16)
-        self.finite, self.last_step = None, None  # all steps since the last check finite (a device bool)
+        self._tokens = self._useful = 0  # this rank's counts since the last _count_tokens()
+        self._window = (0, 0)  # all ranks' (tokens, useful tokens) since the last log line
+        self.bad_run = self.worst_run = None  # non-finite steps in a row: now, and the most since the last check
+        self.last_step = None
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
         if self.cfg.resume:
@@ -210,7 +212,6 @@ class Trainer:
         cfg = self.cfg
         self._install_signal_handlers()
         start, last_log_time = time.perf_counter(), time.perf_counter()
-        window_tokens = window_useful = 0
         self.log.start(self.total_steps, self.step)
         tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
         first = min(cfg.log_every * (self.step // cfg.log_every + 1), self.total_steps)
@@ -227,12 +228,12 @@ class Trainer:
             step = self._optimizer_step()
             self._watch_finite(step)
             self.step += 1
-            window_tokens += step["_tokens"]
-            window_useful += step["_useful"]
             self.log.advance()
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._check_finite_so_far()
                 row = self._read_row(step)
+                self._count_tokens()
+                (window_tokens, window_useful), self._window = self._window, (0, 0)
                 now = time.perf_counter()
                 elapsed = now - last_log_time
                 row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
@@ -241,7 +242,6 @@ class Trainer:
                     row["val_loss"] = self.setup.validate(self.model)
                 row["mfu"] = self._mfu(row["tokens_per_s"])
                 self.log.row(row, eta_s=(self.total_steps - self.step) * elapsed / cfg.log_every)
-                window_tokens = window_useful = 0
                 last_log_time = time.perf_counter()
             if self.stop_signal is not None:
                 exit_code = 128 + self.stop_signal
@@ -267,33 +267,39 @@ class Trainer:
 
     def _optimizer_step(self) -> dict:
         """One optimizer step over --grad-accum micro-batches. Nothing here reads a device value back (on
-        CUDA each read is a host sync that stalls the launch queue): the loss, aux loss, metrics and
-        gradient norm stay on the device in the returned row until `_read_row` reads them, once per
-        logged step. Token counts and loss weights come from the batches the loader made, on the host.
-        Known syncs left: GradScaler's inf check (fp16 only), DDP's all-reduce of the step's loss weight,
-        DeepSpeed's grad norm, and GRPO (whose batches are generated)."""
+        CUDA each read is a host sync that stalls the launch queue): the loss, aux loss, metrics, gradient
+        norm and, under DDP, the step's loss weight stay on the device in the returned row until
+        `_read_row` reads them, once per logged step. The batches were read and sent to the device a step
+        ahead (`Setup.next_step`); loss weights and token counts come from their host copies.
+        Known syncs left: GradScaler's inf check (fp16 with a non-fused optimizer only), DeepSpeed's
+        grad norm, and GRPO (whose batches are generated)."""
         cfg, setup = self.cfg, self.setup
-        micro = [setup.next_batch() for _ in range(cfg.grad_accum)]
+        micro = setup.next_step(cfg.grad_accum)  # [(batch on the host, the same on the device)]
         objective = setup.objective
-        local_weight = sum(float(objective.weight(b)) for b in micro)
-        tokens = sum(setup.tokens_in(b) for b in micro)
-        useful = sum(setup.useful_in(b) for b in micro)
-        total_weight = self.dist.all_reduce_sum(local_weight)
+        local_weight = sum(float(objective.weight(host)) for host, _ in micro)
+        self._tokens += sum(setup.tokens_in(host) for host, _ in micro)
+        self._useful += sum(setup.useful_in(host) for host, _ in micro)
+        total_weight = self.dist.all_reduce_sum_on_device(local_weight)  # a float, or a device tensor (DDP)
         # each rank's gradient is averaged by DDP (divided by world size), so scale it back up
-        scale = self.dist.world_size / max(total_weight, 1e-12)
+        scale = self.dist.world_size / (total_weight.clamp_min(1e-12).float() if torch.is_tensor(total_weight)
+                                        else max(total_weight, 1e-12))
         sums = None
-        for i, batch in enumerate(micro):
-            batch = setup.to_device(batch)
+        for i, (_, batch) in enumerate(micro):
             with self.dist.no_sync(self.model, last=i == len(micro) - 1):
                 loss, parts = self._micro_loss(batch, scale, len(micro))
                 self._backward(loss)
             sums = self._accumulate(sums, parts, len(micro))
         grad_norm = self._update()
         setup.after_step()
-        tokens, useful = self.dist.all_reduce_sum(tokens), self.dist.all_reduce_sum(useful)
-        self.tokens_seen += tokens
-        return {"_sums": sums, "_grad_norm": grad_norm, "_weight": total_weight, "_tokens": tokens,
-                "_useful": useful}
+        return {"_sums": sums, "_grad_norm": grad_norm, "_weight": total_weight}
+
+    def _count_tokens(self):
+        """Adds all ranks' tokens and useful (loss-bearing) tokens since the last call to tokens_seen and
+        to the log window. Called when a step is logged and before a save: the one all-reduce of them."""
+        tokens, useful = self.dist.all_reduce_sums([self._tokens, self._useful])
+        self._tokens = self._useful = 0
+        self.tokens_seen += int(tokens)
+        self._window = (self._window[0] + int(tokens), self._window[1] + int(useful))
 
     def _micro_loss(self, batch, scale: float, n_micro: int):
         """Forward and loss of one micro-batch already on the device. -> (the loss to backpropagate,
@@ -337,7 +343,7 @@ class Trainer:
 
     def _read_row(self, row: dict) -> dict:
         """The step's numbers as Python floats, reduced over ranks: the one read back per logged step."""
-        sums, weight = row["_sums"], row["_weight"]
+        sums, weight = row["_sums"], float(row["_weight"])
         out = {"loss": self.dist.all_reduce_sum(float(sums["loss"])) / max(weight, 1e-12),
                "grad_norm": float(row["_grad_norm"])}
         if self.raw_model.config.use_moe:
@@ -348,35 +354,31 @@ class Trainer:
         return out
 
     def _watch_finite(self, step: dict):
-        """Keeps, on the device, whether any step since the last check had a non-finite loss or gradient
-        norm; it is read when a step is logged and before every save (`_check_finite_so_far`), so a
-        diverged run stops within --log-every steps and never saves what diverged. Under fp16,
-        GradScaler skips a step with inf/NaN gradients by design and lowers its scale (reading its inf
-        check back anyway), so each step is checked there and only a run of 5 such steps stops."""
-        if self.scaler.is_enabled():
-            self._check_finite(self._read_row(step), self.step + 1)
-            return
+        """Counts, on the device, consecutive steps whose loss or gradient norm is not finite, and keeps the
+        longest such run since the last check; `_check_finite_so_far` reads it when a step is logged and
+        before every save, so a diverged run stops within --log-every steps and never saves what diverged.
+        Under fp16, GradScaler skips a step with inf/NaN gradients by design and lowers its scale, so
+        there only a run of 5 such steps stops; otherwise one does."""
         loss = step["_sums"]["loss"]
         ok = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(step["_grad_norm"], device=loss.device))
-        self.finite = ok if self.finite is None else self.finite & ok
+        bad = ok.logical_not()
+        self.bad_run = bad.long() if self.bad_run is None else (self.bad_run + 1) * bad
+        self.worst_run = self.bad_run if self.worst_run is None else torch.maximum(self.worst_run, self.bad_run)
         self.last_step = step
 
     def _check_finite_so_far(self):
-        if self.finite is not None and not bool(self.finite):  # the one read back per log line or save
-            self._check_finite(self._read_row(self.last_step), self.step, window=True)
-        self.finite = None
-
-    def _check_finite(self, row: dict, step: int, window: bool = False):
+        if self.worst_run is None:
+            return
+        worst, self.worst_run = int(self.worst_run), None  # the one read back per log line or save
+        if worst < (5 if self.scaler.is_enabled() else 1):
+            return
+        row = self._read_row(self.last_step)
         bad = [k for k in ("loss", "grad_norm") if not math.isfinite(row[k])]
-        if not bad and not window:
-            self.bad_steps = 0
-            return
-        self.bad_steps += 1
-        if self.scaler.is_enabled() and self.bad_steps < 5:
-            return
         what = (f"non-finite {' and '.join(bad)} ({', '.join(f'{k} {row[k]}' for k in bad)})" if bad else
                 "a non-finite loss or grad_norm at an earlier step since the last log line")
-        raise TrainingDiverged(f"step {step}: {what}; stopped without saving it. {self._last_good()} "
+        if worst > 1:
+            what += f"; {worst} such steps in a row"
+        raise TrainingDiverged(f"step {self.step}: {what}; stopped without saving it. {self._last_good()} "
                                f"Lower --lr (now {self.cfg.lr}) or check the data.")
 
     def _check_finite_weights(self):
@@ -419,6 +421,7 @@ class Trainer:
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
         self._check_finite_so_far()
         self._check_finite_weights()
+        self._count_tokens()
         if self.ds_engine is not None:
             return self._save_deepspeed()
         if self.dist.is_main:

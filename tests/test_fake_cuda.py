@@ -85,7 +85,7 @@ def trainer_on(model, objective) -> types.SimpleNamespace:
         cfg=types.SimpleNamespace(grad_clip=1.0),
         scaler=torch.amp.GradScaler("cpu", enabled=False),  # fp16 only; it syncs by design (its inf check)
         optimizer=torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True),
-        finite=None, last_step=None,
+        bad_run=None, worst_run=None, last_step=None,
     )
 
 
@@ -107,11 +107,12 @@ def test_a_non_logging_step_runs_on_cuda_without_a_host_sync(stage):
         for p in trainer.setup.trainable:
             p.grad = torch.zeros_like(p)
         grad_norm = Trainer._update(trainer)
-        step = {"_sums": sums, "_grad_norm": grad_norm, "_weight": 1.0, "_tokens": B * T, "_useful": B * T}
+        step = {"_sums": sums, "_grad_norm": grad_norm, "_weight": 1.0}
         Trainer._watch_finite(trainer, step)
+        Trainer._watch_finite(trainer, step)  # a second step: the run of non-finite steps goes on counting
         assert loss.device.type == "cuda" and grad_norm.device.type == "cuda"
         assert all(v.device.type == "cuda" for v in sums.values())
-        assert trainer.finite.device.type == "cuda"
+        assert trainer.worst_run.device.type == "cuda" and trainer.bad_run.device.type == "cuda"
         # and the mode does see a read back: data-dependent, or a copy that needs a real device
         with pytest.raises((DataDependentOutputException, RuntimeError)):
             float(sums["loss"])
