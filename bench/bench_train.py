@@ -81,9 +81,10 @@ def test_minimind_step(benchmark, provider, prepared, tmp_path, smoke):
     stats = {"tokens": 0, "useful": 0}
 
     def step():
-        row = trainer._optimizer_step()
-        stats["tokens"] += row["_tokens"]
-        stats["useful"] += row["_useful"]
+        trainer._optimizer_step()
+        stats["tokens"] += trainer._tokens  # this step's counts: the trainer sums them until a log line
+        stats["useful"] += trainer._useful
+        trainer._tokens = trainer._useful = 0
 
     step()  # warm-up (and compilation) outside the timing
     stats.update(tokens=0, useful=0)
