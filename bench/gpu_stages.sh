@@ -67,7 +67,8 @@ sync_free() {
         :: --stage dpo $SYNC --init "$W/sft" --data "$W/data/dpo.jsonl" --out "$W/s5" \
         :: --stage distill $SYNC --init "$W/sft" --teacher "$W/sft" --data "$W/data/sft.jsonl" --out "$W/s6" \
         :: --stage reason $SYNC --init "$W/sft" --data "$W/data/reason.jsonl" --out "$W/s7" \
-        :: --stage pretrain $SYNC $PRE --set use_moe=true --out "$W/s8"
+        :: --stage pretrain $SYNC $PRE --set use_moe=true --out "$W/s8" \
+        :: --stage pretrain $SYNC $PRE --optim muon --out "$W/s9"
 }
 dpo_distill() {
     $T --stage dpo --init "$W/sft" --data "$W/data/dpo.jsonl" --out "$W/dpo" \

@@ -36,7 +36,8 @@ def check(argv: list[str], warmup: int, steps: int) -> tuple[bool, str]:
     args = parser.parse_args(argv)
     args.command = "train"
     name = args.stage + (f" ({' '.join(argv[argv.index('--set'):argv.index('--set') + 2])})" if "--set" in argv
-                         else "") + (f" {args.dtype}" if args.dtype else "")
+                         else "") + (f" {args.dtype}" if args.dtype else "") + (f" --optim {args.optim}"
+                                                                               if args.optim else "")
     trainer = Trainer(args)
     cuda = trainer.device.type == "cuda"
     try:

@@ -4,3 +4,4 @@ import, so `minimind --help` stays quick). Stage names live with the stage recor
 KERNELS = ("auto", "torch", "triton", "liger")  # minimind.kernels.dispatch's implementations
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "muon")  # minimind.optim.build_optimizer

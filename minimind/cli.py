@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimind.choices import DEVICES, DTYPES, KERNELS
+from minimind.choices import DEVICES, DTYPES, KERNELS, OPTIMIZERS
 from minimind.recipes import DATA_KINDS, STAGE_NAMES
 
 HANDLERS = {
@@ -96,6 +96,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
+    p.add_argument("--optim", choices=OPTIMIZERS,
+                   help="muon: Muon on the blocks' matrices, AdamW on the rest, same --lr (experimental)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA where supported, else float32")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--compile", action="store_true")

@@ -40,6 +40,7 @@ from minimind.checkpoint import (
 )
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.grpo import GRPOSetup
+from minimind.optim import build_optimizer
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.stages import Setup
@@ -77,19 +78,6 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:  # bf16 where it is fast and safe; fp32 on CPU keeps runs bit-reproducible
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def param_groups(model, weight_decay: float):
-    """No decay on norms, biases and embeddings (and on the tied lm_head, which is the embedding)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embed_tokens" in name or "norm" in name or name == "lm_head.weight":
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -134,10 +122,8 @@ class Trainer:
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.95),
-            fused=self.device.type in ("cuda", "cpu"),
-        )
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, lr=self.cfg.lr,
+                                         weight_decay=self.cfg.weight_decay, device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
         self._tokens = self._useful = 0  # this rank's counts since the last _count_tokens()
@@ -502,6 +488,10 @@ class Trainer:
         rng = _read_rng_state(state_dir)
         self.setup.load_weights(ckpt)
         if opt is not None:
+            saved = "muon" if set(opt) == {"adamw", "muon"} else "adamw"
+            if saved != self.cfg.optim:
+                raise UsageError(f"--resume: {ckpt} was trained with --optim {saved}; resume it with the same --optim "
+                                 f"(or start a new run with --init {ckpt})")
             self.optimizer.load_state_dict(opt)
         else:
             self._deepspeed_resume_dir = ds_dir

@@ -42,6 +42,7 @@ class TrainConfig:
     warmup_steps: int | None = STAGE_DEFAULT
     weight_decay: float | None = STAGE_DEFAULT
     grad_clip: float = 1.0
+    optim: str = "adamw"  # or "muon" (minimind/optim.py): not the default until it wins on held-out loss per hour
     dtype: str | None = None  # bf16 on CUDA where supported, else fp32
     device: str = "auto"
     compile: bool = False
@@ -106,6 +107,8 @@ def resolve(args) -> TrainConfig:
         raise UsageError("--set changes the architecture of a fresh --model; it cannot be used with --init")
     if stage.needs_teacher and cfg.teacher is None:
         raise UsageError(f"--stage {cfg.stage} needs --teacher CKPT")
+    if cfg.optim == "muon" and cfg.deepspeed:
+        raise UsageError("--optim muon cannot be used with --deepspeed (DeepSpeed takes one optimizer of its own)")
     if cfg.eval_every and cfg.val_data is None:
         raise UsageError("--eval-every needs --val-data PATH")
     for name in STAGE_FIELDS:

@@ -22,7 +22,8 @@ from minimind.config import ModelConfig
 from minimind.data.loader import Batch, PairBatch
 from minimind.lora import apply_lora
 from minimind.model import MiniMindForCausalLM
-from minimind.train import Trainer, param_groups
+from minimind.optim import param_groups
+from minimind.train import Trainer
 
 B, T = 2, 16
 
