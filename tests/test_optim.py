@@ -8,7 +8,15 @@ import torch
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.optim import Muon, Optimizers, build_optimizer, newton_schulz
-from tests.test_train import FAST, data, train_inproc  # noqa: F401 (data: a fixture)
+from tests.test_train import FAST, train_inproc
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(synth_dir, tokenizer_dir, tmp_path_factory):
+    from minimind.data.prepare import prepare
+
+    return prepare("pretrain", synth_dir / "pretrain.jsonl", tokenizer_dir, tmp_path_factory.mktemp("muon") / "pre",
+                   max_seq_len=512)
 
 
 def reference_muon(p, grads, *, lr, wd, momentum=0.95, steps=5):
@@ -98,11 +106,11 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert len(opt.param_groups) == 3  # AdamW's decay / no-decay groups and Muon's: the lr schedule sees all
 
 
-def test_a_muon_run_trains_resumes_and_refuses_the_other_optimizer(data, tmp_path):
+def test_a_muon_run_trains_resumes_and_refuses_the_other_optimizer(pretrain_data, tmp_path):
     import json
 
     out = tmp_path / "muon"
-    args = ["--stage", "pretrain", *FAST, "--data", data["pretrain"], "--optim", "muon", "--lr", "3e-3",
+    args = ["--stage", "pretrain", *FAST, "--data", pretrain_data, "--optim", "muon", "--lr", "3e-3",
             "--save-every", 6, "--log-every", 2]
     rc, err = train_inproc(*args, "--max-steps", 12, "--out", out)
     assert rc == 0, err[-2000:]
