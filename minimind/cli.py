@@ -105,6 +105,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-packing", action="store_true",
                    help="chat stages: one sample per row padded to --seq-len (MiniMind's layout) instead of packing")
+    p.add_argument("--doc-mask", action="store_true",
+                   help="pretrain: each token attends only to its own document and positions restart after each "
+                        "<|endoftext|> (packed chat rows always work this way)")
     p.add_argument("--save-every", type=positive_int, metavar="N")
     p.add_argument("--keep", type=positive_int, metavar="N")
     p.add_argument("--log-every", type=positive_int, metavar="N")

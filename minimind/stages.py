@@ -248,7 +248,8 @@ class Setup:
         dist = self.trainer.dist
         return make_loader(data_dir, stage="grpo" if self.spec.rollouts else _meta(data_dir)["stage"],
                            batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, seed=seed,
-                           rank=dist.rank, world_size=dist.world_size, packed=not self.cfg.no_packing)
+                           rank=dist.rank, world_size=dist.world_size, packed=not self.cfg.no_packing,
+                           doc_mask=self.cfg.doc_mask)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -310,7 +311,8 @@ class Setup:
 
         dist = self.trainer.dist
         loader = make_loader(self.val_dir, stage=_meta(self.val_dir)["stage"], batch_size=self.cfg.batch_size,
-                             seq_len=self.cfg.seq_len, seed=0, rank=dist.rank, world_size=dist.world_size)
+                             seq_len=self.cfg.seq_len, seed=0, rank=dist.rank, world_size=dist.world_size,
+                             doc_mask=self.cfg.doc_mask)
         n = min(max_batches, max(1, len(loader)))
         was_training = model.training
         model.eval()

@@ -49,6 +49,7 @@ class TrainConfig:
     kernels: str = "auto"
     grad_checkpointing: bool = False
     no_packing: bool = False
+    doc_mask: bool = False  # pretrain: attention within each document (off until measured on real text)
     seed: int = 0
     # bookkeeping
     save_every: int = 500

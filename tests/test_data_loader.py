@@ -213,3 +213,76 @@ def test_bad_arguments(small_sft_dir, tmp_path):
         make_loader(small_sft_dir, stage="sft", batch_size=2, seq_len=32, rank=2, world_size=2)
     with pytest.raises(DataError, match="not prepared data"):
         make_loader(tmp_path, stage="sft", batch_size=2, seq_len=32)
+
+
+def _token_losses(model, batch, r: int, a: int, b: int, alone: bool):
+    """Weighted next-token losses of row r's tokens a..b-1: in the row as batched, or run alone."""
+    ids = batch.input_ids[r:r + 1, a:b]
+    pos = None if alone or batch.position_ids is None else batch.position_ids[r:r + 1]
+    logits = model(ids if alone else batch.input_ids[r:r + 1], position_ids=pos).logits[0]
+    logits = logits if alone else logits[a:b]
+    nll = torch.nn.functional.cross_entropy(logits, batch.targets[r, a:b].clamp_min(0), reduction="none")
+    return nll * batch.weights[r, a:b]
+
+
+def test_document_positions_restart_after_each_separator():
+    from minimind.data.loader import document_positions
+
+    ids = np.array([[5, 0, 7, 8, 0, 0, 9], [0, 1, 2, 3, 4, 5, 6]])
+    assert document_positions(ids, 0).tolist() == [[0, 1, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("doc_mask", [True, False])
+def test_document_masked_pretrain_gives_each_document_its_unpacked_loss(tmp_path_factory, synth_dir, tokenizer_dir,
+                                                                        doc_mask):
+    """Packing with document masks: the loss of every document in a pretrain window equals its loss run
+    alone, token for token. Without the mask (`doc_mask=False`) the later documents see the earlier
+    ones, and the losses differ: the check can fail."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch")).eval()
+    out = _prep(tmp_path_factory, synth_dir, tokenizer_dir, "pretrain", "pretrain.jsonl")
+    batch = next(make_loader(out, stage="pretrain", batch_size=2, seq_len=128, doc_mask=doc_mask))
+    sep = open_prepared(out).meta["eos_id"]
+    same = differ = 0
+    with torch.no_grad():
+        for r in range(2):
+            ids = batch.input_ids[r].tolist()
+            starts = [0] + [i + 1 for i, t in enumerate(ids[:-1]) if t == sep] + [len(ids)]
+            for a, b in zip(starts[1:], starts[2:]):  # the documents that begin inside the window
+                packed, alone = _token_losses(model, batch, r, a, b, False), _token_losses(model, batch, r, a, b, True)
+                if torch.allclose(packed, alone, rtol=1e-5, atol=1e-5):
+                    same += 1
+                else:
+                    differ += 1
+    if doc_mask:
+        assert same >= 2 and differ == 0
+    else:
+        assert differ >= 2
+
+
+def test_packed_chat_gives_each_document_its_padded_loss(small_sft_dir):
+    """The loss a conversation gets in a packed row equals its loss in MiniMind's padded layout (one
+    conversation a row), target for target and weight for weight."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch")).eval()
+    padded_loader = make_loader(small_sft_dir, stage="sft", batch_size=60, seq_len=64, packed=False)
+    padded = next(padded_loader)
+    docs = {tuple(d) for d in _doc_ids(open_prepared(small_sft_dir))}
+    by_ids = {}
+    with torch.no_grad():
+        for r in range(60):
+            row = padded.input_ids[r].tolist()
+            n = next(len(d) for d in docs if tuple(row[:len(d)]) == d)
+            by_ids[tuple(row[:n])] = _token_losses(model, padded, r, 0, n, True)
+        packed = next(make_loader(small_sft_dir, stage="sft", batch_size=2, seq_len=64))
+        n_docs = 0
+        for r in range(2):
+            pos = packed.position_ids[r].tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            for a, b in zip(starts, starts[1:]):
+                key = tuple(packed.input_ids[r, a:b].tolist())
+                if key in by_ids:  # (the row's tail padding is no document)
+                    torch.testing.assert_close(_token_losses(model, packed, r, a, b, False), by_ids[key],
+                                               rtol=1e-5, atol=1e-5)
+                    n_docs += 1
+    assert n_docs >= 4

@@ -2,6 +2,7 @@
 signal moves the right way, exact resume after SIGKILL, and clear usage errors (exit 2)."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -172,6 +173,16 @@ def test_sigkill_then_resume_continues_the_same_curve(data, tmp_path):
     wb = load_file(killed / "step-24" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_doc_mask_pretrain_trains_and_validates_with_the_same_masks(data, tmp_path):
+    out = tmp_path / "masked"
+    rc, err = train_inproc("--stage", "pretrain", *FAST, "--data", data["pretrain"], "--max-steps", 3, "--doc-mask",
+                           "--val-data", data["pretrain"], "--eval-every", 3, "--out", out)
+    assert rc == 0, err[-2000:]
+    assert json.loads((out / "run.json").read_text())["doc_mask"] is True
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r and math.isfinite(r["val_loss"]) for r in rows)
 
 
 def test_usage_errors_exit_2(data, pretrained, tmp_path):

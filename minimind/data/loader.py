@@ -1,7 +1,9 @@
 """Batches over prepared data: deterministic per (seed, epoch), exactly resumable, sharded across ranks.
 
 An epoch is a list of rows fixed by (seed, epoch): pretrain rows are contiguous windows of T + 1
-tokens of the token stream (documents separated by <|endoftext|>); chat rows are several
+tokens of the token stream (documents separated by <|endoftext|>; with `doc_mask`, position_ids
+restart after each separator, so a token attends only to its own document, as in packed chat rows);
+chat rows are several
 conversations packed best-fit-decreasing (position_ids restarting at 0 per document, which is how the
 model blocks attention across them), or one conversation padded to T (MiniMind's layout, `packed=False`);
 dpo rows are (chosen, rejected) pairs; grpo rows are prompts. The epochs' rows form one endless stream;
@@ -140,7 +142,7 @@ class Loader:
     """Endless iterator of batches for one rank; see the module docstring for order, resume and sharding."""
 
     def __init__(self, data: Prepared, *, stage: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, packed: bool = True):
+                 world_size: int = 1, packed: bool = True, doc_mask: bool = False):
         _check_stage(data, stage)
         if not 0 <= rank < world_size or batch_size < 1 or seq_len < 2:
             raise DataError(f"need 0 <= rank < world_size, batch_size >= 1, seq_len >= 2; got rank {rank}, "
@@ -149,6 +151,7 @@ class Loader:
         self.layout = DATA[stage].layout
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.packed = packed and self.layout == "chat"
+        self.doc_mask = doc_mask and self.layout == "text"
         # a chat longer than T keeps its first T tokens; pretrain needs no per-document list
         self.capped = np.minimum(data.lengths, seq_len).tolist() if self.layout in ("chat", "pairs") else None
         self._epoch, self._row, self._consumed = 0, 0, 0
@@ -242,7 +245,8 @@ class Loader:
         t = self.seq_len
         win = np.stack([self.data.tokens[i * t:i * t + t + 1] for i in rows]).astype(np.int64)  # (B, T+1)
         x, y = torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy())
-        return Batch(x, y, torch.ones(y.shape, dtype=torch.float32), None)
+        pos = torch.from_numpy(document_positions(win[:, :-1], self.data.meta["eos_id"])) if self.doc_mask else None
+        return Batch(x, y, torch.ones(y.shape, dtype=torch.float32), pos)
 
     def _empty(self, b: int):
         t = self.seq_len
@@ -283,6 +287,17 @@ class Loader:
         return self._finish(arrays, positions=False)
 
 
+def document_positions(ids: np.ndarray, sep: int) -> np.ndarray:
+    """(B, T) token ids -> each token's position within its document: 0 at the row's start and right
+    after each `sep` (the separator ends its document)."""
+    t = ids.shape[1]
+    col = np.arange(t)
+    starts = np.zeros(ids.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == sep
+    return col - np.maximum.accumulate(np.where(starts, col, 0), axis=1)
+
+
 def _check_stage(data: Prepared, stage: str) -> None:
     prepared = data.meta["stage"]
     ok = prepared == stage or (stage in CHAT_DATA and prepared in CHAT_DATA)  # one conversation format
@@ -291,8 +306,8 @@ def _check_stage(data: Prepared, stage: str) -> None:
 
 
 def make_loader(path, *, stage: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                world_size: int = 1, packed: bool = True) -> Loader:
+                world_size: int = 1, packed: bool = True, doc_mask: bool = False) -> Loader:
     """A Loader over the prepared directory `path` (or an already opened `Prepared`)."""
     data = path if isinstance(path, Prepared) else open_prepared(path)
     return Loader(data, stage=stage, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank,
-                  world_size=world_size, packed=packed)
+                  world_size=world_size, packed=packed, doc_mask=doc_mask)
