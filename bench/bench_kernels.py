@@ -210,6 +210,10 @@ STEP_MODELS = {
 }
 
 
+# the GPU step is measured at 32 x 512, the shape of the 2026-12-04 H200 record and MiniMind2's figures
+STEP_B, STEP_T = (B, T) if SMOKE or not CUDA else (32, 512)
+
+
 @pytest.mark.parametrize("kernels_name", ["torch", "triton", "liger"])
 @pytest.mark.parametrize("model", list(STEP_MODELS))
 def test_train_step(benchmark, model, kernels_name):
@@ -222,14 +226,15 @@ def test_train_step(benchmark, model, kernels_name):
     config = ModelConfig.from_preset("tiny" if SMOKE else preset, overrides, kernels=kernels_name)
     net = MiniMindForCausalLM(config, device=DEVICE).to(DEVICE)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=CUDA)
-    ids = torch.randint(0, config.vocab_size, (B, T + 1), device=DEVICE)
+    b, t = STEP_B, STEP_T
+    ids = torch.randint(0, config.vocab_size, (b, t + 1), device=DEVICE)
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
             out = net(ids[:, :-1], return_hidden=True)
-            hidden = out.hidden.reshape(B * T, -1)
+            hidden = out.hidden.reshape(b * t, -1)
             ce = net.ops.fused_linear_cross_entropy(hidden, net.lm_head.weight, ids[:, 1:].reshape(-1), reduction="sum")
-            loss = ce / (B * T) + out.aux_loss
+            loss = ce / (b * t) + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -239,6 +244,41 @@ def test_train_step(benchmark, model, kernels_name):
     benchmark.pedantic(step, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
     if benchmark.stats:
         benchmark.extra_info.update(
-            model=model, kernels=kernels_name, batch=f"{B}x{T}", params_active=net.num_params(active=True),
-            tokens_per_s=round(B * T / benchmark.stats.stats.mean),
+            model=model, kernels=kernels_name, batch=f"{b}x{t}", params_active=net.num_params(active=True),
+            tokens_per_s=round(b * t / benchmark.stats.stats.mean),
         )
+
+
+def test_train_step_transformers(benchmark):
+    """The peer: a stock transformers LlamaForCausalLM of `small`'s shape (tied embeddings, SDPA) trained
+    the plain way: bf16 autocast, `labels=`, fused AdamW."""
+    if not CUDA and not SMOKE:
+        pytest.skip("the GPU table's peer; on the CPU see bench/bench_train.py")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    c = ModelConfig.from_preset("tiny" if SMOKE else "small")
+    net = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True, attn_implementation="sdpa",
+    )).to(DEVICE)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=CUDA)
+    b, t = STEP_B, STEP_T
+    ids = torch.randint(0, c.vocab_size, (b, t), device=DEVICE)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync()
+
+    step()
+    benchmark.pedantic(step, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
+    if benchmark.stats:
+        benchmark.extra_info.update(model="small", kernels="transformers", batch=f"{b}x{t}",
+                                    params_active=sum(p.numel() for p in net.parameters()),
+                                    tokens_per_s=round(b * t / benchmark.stats.stats.mean))

@@ -68,3 +68,7 @@ def test_the_summary_takes_what_the_parts_left(tmp_path):
     assert "kernels: stopped at its 55s limit" in text
     assert "| rmsnorm | small | fwd_bwd | triton | 1.000 | 2000.0 (50%) | 2.0 | 2.00x |" in text
     assert "Training step" not in text  # no steps.jsonl: no table, not a broken one
+    (tmp_path / "steps.jsonl").write_text(json.dumps({"name": "s", "mean_s": 0.0131, "model": "small",
+                                                      "kernels": "triton", "batch": "32x512",
+                                                      "tokens_per_s": 1_250_000}) + "\n")
+    assert "| small | triton | 32x512 | 13.1 | 1250000 | 2.08x | >= 1.2M tokens/s |" in summary(tmp_path)
