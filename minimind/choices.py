@@ -5,3 +5,4 @@ KERNELS = ("auto", "torch", "triton", "liger")  # minimind.kernels.dispatch's im
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "muon")  # minimind.optim.build_optimizer
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)

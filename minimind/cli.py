@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimind.choices import DEVICES, DTYPES, KERNELS, OPTIMIZERS
+from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS
 from minimind.recipes import DATA_KINDS, STAGE_NAMES
 
 HANDLERS = {
@@ -101,6 +101,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA where supported, else float32")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode with --compile; reduce-overhead adds CUDA graphs (static shapes: "
+                        "pretrain windows always are)")
     p.add_argument("--kernels", choices=KERNELS)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-packing", action="store_true",

@@ -145,9 +145,11 @@ class Trainer:
         else:
             self.model = distributed.wrap(self)
         if self.cfg.compile:
-            self.log.message("torch.compile: the first steps compile the model (a minute or more on CPU)")
-            self.model = torch.compile(self.model)
+            self.log.message(f"torch.compile (mode {self.cfg.compile_mode}): the first steps compile the model "
+                             "(a minute or more on CPU)")
+            self.model = torch.compile(self.model, mode=self.cfg.compile_mode)
         self.stop_signal = None
+        self._compiling = self.cfg.compile
 
     def _undo_if_fresh(self):
         """A fresh run that fails before its first step leaves its directory as it found it, so the same
@@ -211,9 +213,15 @@ class Trainer:
                        total=self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            step_start = time.perf_counter() if self._compiling else None
             step = self._optimizer_step()
             self._watch_finite(step)
             self.step += 1
+            if self._compiling:  # the first step of a compiled run is mostly compilation: say how long
+                self._compiling = False
+                self._check_finite_so_far()  # waits for the step to end, so the time is the step's
+                self.log.message(f"torch.compile: step {self.step} took {time.perf_counter() - step_start:.1f}s "
+                                 "with compilation (counted in the run's wall-clock and --max-time)")
             self.log.advance()
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._check_finite_so_far()

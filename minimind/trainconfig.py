@@ -46,6 +46,7 @@ class TrainConfig:
     dtype: str | None = None  # bf16 on CUDA where supported, else fp32
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # which mode wins on a GPU is for bench/gpu.sh to measure
     kernels: str = "auto"
     grad_checkpointing: bool = False
     no_packing: bool = False
