@@ -51,6 +51,7 @@ print(e.generate([e.tokenizer.encode('1 + 1 =')], SamplingParams(max_new_tokens=
 check pretrain_resume resume &
 check pretrain_accum_fp16 $T $PRE --out "$W/pre16" --grad-accum 2 --dtype float16 &
 check pretrain_compile $T $PRE --out "$W/prec" --compile &
+[ "$DEVICE" = cuda ] && check pretrain_compile_graphs $T $PRE --out "$W/precg" --compile --compile-mode reduce-overhead &
 check torchrun $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --device "$DEVICE" $FAST $PRE \
     --out "$W/pre_ddp" &
 check cpu_to_cuda cpu_to_cuda &
