@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS
+from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS, SCHEDULES
 from minimind.recipes import DATA_KINDS, STAGE_NAMES
 
 HANDLERS = {
@@ -87,7 +87,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="DIR", help="the run directory (default: runs/STAGE)")
     p.add_argument("--max-steps", type=positive_int, metavar="N")
     p.add_argument("--epochs", type=float, metavar="N", help="default: 1, unless --max-steps is given")
-    p.add_argument("--max-time", type=float, metavar="SECONDS")
+    p.add_argument("--max-time", type=float, metavar="SECONDS",
+                   help="a wall-clock budget: the schedule is sized to it (the run ends there with the lr at "
+                        "--min-lr, then evaluates and saves); the data repeats if the budget allows")
+    p.add_argument("--max-tokens", type=positive_int, metavar="N", help="a budget in tokens, as --max-time")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="auto: wsd (warmup, stable, linear decay over the last --decay-frac) with a budget, "
+                        "else cosine")
+    p.add_argument("--decay-frac", type=float, metavar="F", help="wsd: the fraction of the run spent decaying")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--grad-accum", type=positive_int)

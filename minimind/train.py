@@ -80,11 +80,17 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up to lr, then cosine down to min_lr at `total` optimizer steps."""
+def lr_at(step: int, progress: float, *, lr: float, min_lr: float, warmup: int, schedule: str,
+          decay_frac: float = 0.2) -> float:
+    """Linear warm-up over `warmup` steps, then by `progress` (0 -> 1: how much of the run, in steps or
+    in its budget, is done): "cosine" from lr down to min_lr at the end; "wsd" (warmup-stable-decay,
+    MiniCPM) flat at lr, then linear down to min_lr over the last `decay_frac` of the run."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "wsd":
+        left = 1.0 - progress
+        return lr if left >= decay_frac else min_lr + (lr - min_lr) * left / decay_frac
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -132,6 +138,7 @@ class Trainer:
         self.last_step = None
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
+        self._elapsed_before = 0.0
         if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
@@ -150,6 +157,8 @@ class Trainer:
             self.model = torch.compile(self.model, mode=self.cfg.compile_mode)
         self.stop_signal = None
         self._compiling = self.cfg.compile
+        self._start = time.perf_counter()
+        self._epochs_begun = int(self.setup.loader_epoch())
 
     def _undo_if_fresh(self):
         """A fresh run that fails before its first step leaves its directory as it found it, so the same
@@ -182,11 +191,43 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed + self.dist.rank)
 
+    def _tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.dist.world_size
+
     def _total_steps(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        per_epoch = self.setup.batches_per_epoch  # this rank's batches
-        return max(1, math.ceil(self.cfg.epochs * per_epoch / self.cfg.grad_accum))
+        """The run's length in steps, from --max-steps, --epochs or --max-tokens (the first to end); a run
+        with only --max-time has no fixed length: its estimate is revised as the run goes (`_progress`)."""
+        cfg, ends = self.cfg, []
+        if cfg.max_steps:
+            ends.append(cfg.max_steps)
+        if cfg.epochs is not None:
+            ends.append(math.ceil(cfg.epochs * self.setup.batches_per_epoch / cfg.grad_accum))
+        if cfg.max_tokens:
+            ends.append(math.ceil(cfg.max_tokens / self._tokens_per_step()))
+        return max(1, min(ends)) if ends else max(1, self.setup.batches_per_epoch // cfg.grad_accum)
+
+    def _elapsed(self) -> float:
+        """Training wall-clock, resumed runs included (what --max-time budgets)."""
+        return self._elapsed_before + time.perf_counter() - self._start
+
+    def _progress(self) -> float:
+        """How much of the run is done, 0 -> 1: the furthest along of its steps and its time budget. For
+        a time budget, the total steps are re-estimated from the measured pace, so the ETA and the bar
+        follow the budget."""
+        cfg = self.cfg
+        fixed = cfg.max_steps or cfg.epochs is not None or cfg.max_tokens
+        if cfg.schedule == "cosine" and fixed:  # the classic: cosine over the steps after warm-up
+            done = (self.step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps)
+        else:
+            done = (self.step + 1) / self.total_steps if fixed else 0.0  # after this step: the last one is at 1
+        if cfg.max_time:
+            by_time = self._elapsed() / cfg.max_time
+            if self.step >= max(3, cfg.warmup_steps // 2) and by_time > 0:  # a pace worth extrapolating
+                estimate = max(self.step + 1, round(self.step / by_time))
+                self.total_steps = min(self.total_steps, estimate) if fixed else estimate
+                self.log.set_total(self.total_steps)
+            done = max(done, by_time)
+        return done
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> int:
@@ -199,18 +240,24 @@ class Trainer:
     def _fit(self) -> int:
         cfg = self.cfg
         self._install_signal_handlers()
-        start, last_log_time = time.perf_counter(), time.perf_counter()
+        self._start = last_log_time = time.perf_counter()
         self.log.start(self.total_steps, self.step)
-        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
+        tokens = self._tokens_per_step()
         first = min(cfg.log_every * (self.step // cfg.log_every + 1), self.total_steps)
-        self.log.message(f"training steps {self.step + 1}..{self.total_steps} ({tokens} tokens each); the first "
-                         f"log line comes after step {first}"
-                         + (f" (or fewer: --max-time {cfg.max_time:g}s)" if cfg.max_time else "")
+        budget = " and ".join(b for b in (f"--max-time {cfg.max_time:g}s" if cfg.max_time else "",
+                                          f"--max-tokens {cfg.max_tokens}" if cfg.max_tokens else "") if b)
+        self.log.message(f"training steps {self.step + 1}..{self.total_steps}"
+                         + (" (estimated)" if cfg.max_time and not (cfg.max_steps or cfg.epochs) else "")
+                         + f" ({tokens} tokens each), lr schedule {cfg.schedule}"
+                         + (f" sized to the budget {budget}" if budget else "")
+                         + f"; the first log line comes after step {first}"
                          + ("; the first steps compile" if cfg.compile else ""))
         exit_code = 0
-        while not self._done(start):
-            lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
-                       total=self.total_steps)
+        logged = self.step
+        done = self._done()
+        while not done:
+            lr = lr_at(self.step, self._progress(), lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                       schedule=cfg.schedule, decay_frac=cfg.decay_frac)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter() if self._compiling else None
@@ -223,20 +270,12 @@ class Trainer:
                 self.log.message(f"torch.compile: step {self.step} took {time.perf_counter() - step_start:.1f}s "
                                  "with compilation (counted in the run's wall-clock and --max-time)")
             self.log.advance()
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._check_finite_so_far()
-                row = self._read_row(step)
-                self._count_tokens()
-                (window_tokens, window_useful), self._window = self._window, (0, 0)
-                now = time.perf_counter()
-                elapsed = now - last_log_time
-                row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
-                           useful_tokens_per_s=window_useful / elapsed)
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    row["val_loss"] = self.setup.validate(self.model)
-                row["mfu"] = self._mfu(row["tokens_per_s"])
-                self.log.row(row, eta_s=(self.total_steps - self.step) * elapsed / cfg.log_every)
-                last_log_time = time.perf_counter()
+            self._note_repeats()
+            done = self._done()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps or done:
+                final_eval = done and self.setup.val_dir is not None  # a run ends with its held-out loss
+                self._log_row(step, lr, time.perf_counter() - last_log_time, self.step - logged, final_eval)
+                last_log_time, logged = time.perf_counter(), self.step
             if self.stop_signal is not None:
                 exit_code = 128 + self.stop_signal
                 self.log.message(f"signal {self.stop_signal}: saving step {self.step} and exiting")
@@ -249,14 +288,42 @@ class Trainer:
         self._restore_signal_handlers()
         return exit_code
 
-    def _done(self, start) -> bool:
-        if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+    def _log_row(self, step: dict, lr: float, elapsed: float, steps: int, evaluate: bool):
+        cfg = self.cfg
+        self._check_finite_so_far()
+        row = self._read_row(step)
+        self._count_tokens()
+        (window_tokens, window_useful), self._window = self._window, (0, 0)
+        row.update(step=self.step, lr=lr, tokens_per_s=window_tokens / elapsed,
+                   useful_tokens_per_s=window_useful / elapsed)
+        if evaluate or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            row["val_loss"] = self.setup.validate(self.model)
+        row["mfu"] = self._mfu(row["tokens_per_s"])
+        eta = (self.total_steps - self.step) * elapsed / max(1, steps)
+        if cfg.max_time:  # the budget is the ETA
+            eta = min(eta, max(0.0, cfg.max_time - self._elapsed())) if cfg.max_steps or cfg.epochs else \
+                max(0.0, cfg.max_time - self._elapsed())
+        self.log.row(row, eta_s=eta)
+
+    def _note_repeats(self):
+        epoch = int(self.setup.loader_epoch())
+        if epoch > self._epochs_begun:
+            self._epochs_begun = epoch
+            self.log.message(f"the data repeats: epoch {epoch + 1} begins after step {self.step}")
+
+    def _done(self) -> bool:
+        """Whether the run has reached its end: --max-steps, --epochs, or a budget."""
+        cfg = self.cfg
+        if cfg.max_steps and self.step >= cfg.max_steps:
             return True
-        if self.cfg.max_steps is None and self.setup.loader_epoch() >= self.cfg.epochs:
+        if cfg.max_steps is None and cfg.epochs is not None and self.setup.loader_epoch() >= cfg.epochs:
             return True
-        if self.cfg.max_time and time.perf_counter() - start >= self.cfg.max_time:
-            self.log.message(f"--max-time {self.cfg.max_time}s reached at step {self.step}")
-            return True
+        tokens = self.tokens_seen + self._tokens * self.dist.world_size
+        for flag, limit, spent in (("--max-time", cfg.max_time, self._elapsed()),
+                                   ("--max-tokens", cfg.max_tokens, tokens)):
+            if limit and spent >= limit:
+                self.log.message(f"{flag} {limit:g} reached at step {self.step}")
+                return True
         return False
 
     def _optimizer_step(self) -> dict:
@@ -437,6 +504,7 @@ class Trainer:
         _write_rng_state(state_dir, scaler=self.scaler.state_dict())
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+            "elapsed_s": round(self._elapsed(), 3),
             "world_size": self.dist.world_size, "data": self.setup.loader_state(), "stage": self.stage,
             "data_fingerprint": self.data_fingerprint,
         }
@@ -511,6 +579,7 @@ class Trainer:
             if state["world_size"] == self.dist.world_size:
                 _set_rng_state(rng)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))  # what --max-time has spent already
         self.setup.load_loader_state(state["data"])
         self.log.truncate_after(self.step)
         self.log.message(f"resumed from {ckpt} at step {self.step}")

@@ -29,10 +29,15 @@ class TrainConfig:
     out: str | None = None  # runs/<stage>
     resume: bool = False
     deepspeed: str | None = None
-    # how long: --max-steps, else --epochs (1.0); --max-time stops either early
+    # how long: --max-steps, --epochs, and the budgets --max-time / --max-tokens; whichever ends first ends
+    # the run, and the learning-rate schedule is sized to it. Nothing given: one epoch. A budget without
+    # --epochs repeats the data as often as it allows.
     max_steps: int | None = None
     epochs: float | None = None
     max_time: float | None = None
+    max_tokens: int | None = None
+    schedule: str = "auto"  # "wsd" with a time or token budget, else "cosine"
+    decay_frac: float = 0.2  # wsd: the last fraction of the run, in which the lr falls linearly to --min-lr
     # the optimizer step
     batch_size: int | None = STAGE_DEFAULT
     seq_len: int | None = STAGE_DEFAULT
@@ -78,7 +83,7 @@ STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "
 PATH_FIELDS = ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed")
 # float knobs that must be finite (an `inf` learning rate trains NaN without a word), and positive ones
 FINITE = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha", "epochs",
-          "max_time")
+          "max_time", "decay_frac")
 POSITIVE = ("lr", "epochs", "max_time", "temperature", "lora_alpha")
 
 
@@ -118,8 +123,12 @@ def resolve(args) -> TrainConfig:
             setattr(cfg, name, getattr(stage, name))
     if cfg.min_lr is None:
         cfg.min_lr = cfg.lr / 10
-    if cfg.max_steps is None and cfg.epochs is None:
+    if cfg.max_steps is None and cfg.epochs is None and not (cfg.max_time or cfg.max_tokens):
         cfg.epochs = 1.0
+    if cfg.schedule == "auto":
+        cfg.schedule = "wsd" if cfg.max_time or cfg.max_tokens else "cosine"
+    if not 0 < cfg.decay_frac <= 1:
+        raise UsageError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
     _check_numbers(cfg)
     for name in PATH_FIELDS:
         if getattr(cfg, name) is not None:

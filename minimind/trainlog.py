@@ -42,6 +42,12 @@ class RunLog:
         self.wandb = wandb.init(project="minimind", dir=str(self.out), config=self.config,
                                 name=self.out.name, resume="allow")
 
+    def set_total(self, total_steps: int):
+        """A run sized by a time budget learns its length as it goes."""
+        if self.bar is not None and self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def advance(self):
         if self.bar is not None:
             self.bar.update(1)
