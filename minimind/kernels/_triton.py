@@ -43,7 +43,10 @@ def define_op(schema: str, impl, fake):
     tracing. Returns the op overload, which dispatches in ~2 µs (a `torch.library.custom_op` with
     `register_autograd` costs ~10 µs more a call in eager, which is why autograd stays in the Functions)."""
     name = schema.split("(", 1)[0]
-    _LIB.define(schema)
+    # exact strides: inductor must hand each launcher the layout its fake promised (unit column strides,
+    # flat contiguous buffers), never a padded or reordered one (inductor's default for custom ops since
+    # torch 2.8, pytorch#150511; the tag keeps it so whatever functorch.config says)
+    _LIB.define(schema, tags=(torch.Tag.needs_exact_strides,))
     for key in ("CPU", "CUDA"):
         _LIB.impl(name, impl, key)
     torch.library.register_fake(f"minimind::{name}", fake, lib=_LIB)
