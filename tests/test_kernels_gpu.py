@@ -145,3 +145,28 @@ def test_model_on_cuda(variant):
     assert_close(losses["triton"], losses["torch"], "model")
     for (n, p), q in zip(models["torch"].named_parameters(), models["triton"].parameters()):
         assert_close(q.grad, p.grad, "model", n)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_model_compiles_with_inductor(variant):
+    """The triton provider under torch.compile(fullgraph=True) with inductor and real Triton (the CPU tests
+    use aot_eager): one graph each way, the same loss and gradients as eager."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", VARIANTS[variant], kernels="triton"), device=CUDA)
+    model = model.to(CUDA)
+    ids = torch.randint(0, 6400, (4, 65), device=CUDA)
+
+    def loss_fn(ids):
+        out = model(ids[:, :-1], return_hidden=True)
+        h = out.hidden.reshape(-1, out.hidden.shape[-1])
+        return model.ops.fused_linear_cross_entropy(h, model.lm_head.weight, ids[:, 1:].reshape(-1)) + out.aux_loss
+
+    torch._dynamo.reset()
+    grads = {}
+    for mode, fn in (("eager", loss_fn), ("inductor", torch.compile(loss_fn, fullgraph=True, backend="inductor"))):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids)
+        loss.backward()
+        grads[mode] = [loss.detach()] + [p.grad for p in model.parameters()]
+    for i, (got, want) in enumerate(zip(grads["inductor"], grads["eager"])):
+        assert_close(got, want, "model", f"{variant}: loss and grads [{i}]")

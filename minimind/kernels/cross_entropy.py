@@ -16,7 +16,7 @@ ever exists (chunk * V ~ N * D by default).
 import torch
 import torch.nn.functional as F
 
-from minimind.kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
+from minimind.kernels._triton import cdiv, check_device, define_op, interpreting, jit, next_pow2, tl
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -118,6 +118,24 @@ def _ce_rows(logits, targets, weights, ignore_index, grad_out, rows_per_program=
     return nll
 
 
+def _ce_fwd(logits, targets, weights, ignore_index, write_grad, rows_per_program):
+    """(nll (N,) fp32, w * (softmax - onehot) (N, V) in logits' dtype, or an empty tensor unless write_grad)."""
+    grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)
+    nll = _ce_rows(logits, targets, weights, ignore_index, grad if write_grad else None, rows_per_program)
+    return nll, grad
+
+
+_ce_fwd_op = define_op(
+    "cross_entropy_fwd(Tensor logits, Tensor targets, Tensor? weights, int ignore_index, bool write_grad,"
+    " int? rows_per_program) -> (Tensor, Tensor)",
+    _ce_fwd,
+    lambda logits, targets, weights, ignore_index, write_grad, rows_per_program: (
+        logits.new_empty(logits.shape[0], dtype=torch.float32),
+        torch.empty_like(logits) if write_grad else logits.new_empty(0),
+    ),
+)
+
+
 def _row_weights(targets, weights, ignore_index):
     keep = (targets != ignore_index).float()
     return keep if weights is None else weights.float() * keep
@@ -148,8 +166,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, weights, ignore_index, reduction, rows_per_program):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        nll = _ce_rows(logits, targets, weights, ignore_index, grad, rows_per_program)
+        nll, grad = _ce_fwd_op(logits, targets, weights, ignore_index, ctx.needs_input_grad[0], rows_per_program)
         keep = (targets != ignore_index).float()
         w = keep if weights is None else weights.float() * keep
         loss, scale = _loss_and_scale(nll, w, reduction)
@@ -190,6 +207,26 @@ def _flce_chunks(hidden, weight, targets, weights, ignore_index, chunk_size, wan
     return nll, dh, (dw.to(weight.dtype) if want_grad else None)
 
 
+def _flce_fwd(hidden, weight, targets, weights, ignore_index, chunk_size, want_grad, row_scale):
+    nll, dh, dw = _flce_chunks(hidden, weight, targets, weights, ignore_index, chunk_size, want_grad, row_scale)
+    return nll, (dh if want_grad else hidden.new_empty(0)), (dw if want_grad else weight.new_empty(0))
+
+
+def _flce_fwd_fake(hidden, weight, targets, weights, ignore_index, chunk_size, want_grad, row_scale):
+    nll = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    if not want_grad:
+        return nll, hidden.new_empty(0), weight.new_empty(0)
+    return nll, torch.empty_like(hidden), weight.new_empty(weight.shape)
+
+
+# (nll (N,), d hidden (N, D), d weight (V, D) of Σ row_scale * w * nll; empty gradients unless want_grad)
+_flce_fwd_op = define_op(
+    "fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? weights,"
+    " int ignore_index, int chunk_size, bool want_grad, Tensor? row_scale) -> (Tensor, Tensor, Tensor)",
+    _flce_fwd, _flce_fwd_fake,
+)
+
+
 def _default_chunk(n: int, d: int, v: int) -> int:
     # chunk * V ~ N * D: the logits block is no larger than the hidden states themselves. Under the
     # interpreter memory is not the point and each launch costs ~100 ms: at least 256 rows a chunk.
@@ -201,22 +238,22 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, weights, ignore_index, reduction, chunk_size):
         chunk = chunk_size or _default_chunk(hidden.shape[0], hidden.shape[1], weight.shape[0])
         want_grad = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reduction != "none"
-        nll, dh, dw = _flce_chunks(hidden, weight, targets, weights, ignore_index, chunk, want_grad)
+        nll, dh, dw = _flce_fwd_op(hidden, weight, targets, weights, ignore_index, chunk, want_grad, None)
         keep = (targets != ignore_index).float()
         w = keep if weights is None else weights.float() * keep
         loss, scale = _loss_and_scale(nll, w, reduction)
         ctx.save_for_backward(hidden, weight, targets, weights, dh, dw, nll, w, keep, scale, loss)
-        ctx.meta = (ignore_index, reduction, chunk)
+        ctx.meta = (ignore_index, reduction, chunk, want_grad)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         hidden, weight, targets, weights, dh, dw, nll, w, keep, scale, loss = ctx.saved_tensors
-        ignore_index, reduction, chunk = ctx.meta
+        ignore_index, reduction, chunk, want_grad = ctx.meta
         if reduction == "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             # per-row incoming gradients can't scale a pre-summed d weight: recompute, chunk by chunk
-            _, dh, dw = _flce_chunks(hidden, weight, targets, weights, ignore_index, chunk, True, dloss.float())
-        elif dh is not None:
+            _, dh, dw = _flce_fwd_op(hidden, weight, targets, weights, ignore_index, chunk, True, dloss.float())
+        elif want_grad:
             factor = dloss * scale
             dh, dw = dh * factor.to(dh.dtype), dw * factor.to(dw.dtype)
         dweights = None

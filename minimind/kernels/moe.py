@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from minimind.kernels._triton import cdiv, check_device, interpreting, jit, next_pow2, tl
-from minimind.kernels.swiglu import _swiglu_bwd_kernel
+from minimind.kernels._triton import cdiv, check_device, define_op, interpreting, jit, next_pow2, tl
+from minimind.kernels.swiglu import _swiglu_bwd_op
 
 
 def moe_gate_ref(
@@ -219,21 +219,57 @@ def _gate_rows(n_experts: int) -> tuple[int, int]:
     return block_e, max(1, (1 << 14 if interpreting() else 1 << 10) // block_e)
 
 
+def _gate_fwd(logits, top_k, norm):
+    """logits (N, E) fp32 contiguous -> (topk_weight (N, K) fp32, topk_idx (N, K) int64, probs (N, E) fp32)."""
+    n, n_experts = logits.shape
+    probs = torch.empty_like(logits)
+    topk_weight = torch.empty((n, top_k), device=logits.device, dtype=torch.float32)
+    topk_idx = torch.empty((n, top_k), device=logits.device, dtype=torch.int64)
+    block_e, rows = _gate_rows(n_experts)
+    _moe_gate_fwd_kernel[(cdiv(n, rows),)](
+        logits, probs, topk_weight, topk_idx, n, n_experts,
+        TOP_K=top_k, NORM=norm, BLOCK_ROWS=rows, BLOCK_E=block_e,
+    )
+    return topk_weight, topk_idx, probs
+
+
+def _gate_bwd(probs, topk_weight, topk_idx, dtw, dprobs, top_k, norm):
+    """d logits (N, E) fp32 from d topk_weight (N, K) fp32 and d probs (N, E) (None: zero)."""
+    n, n_experts = probs.shape
+    dlogits = torch.empty_like(probs)
+    block_e, rows = _gate_rows(n_experts)
+    _moe_gate_bwd_kernel[(cdiv(n, rows),)](
+        probs, topk_weight, topk_idx, dtw, dprobs.contiguous() if dprobs is not None else probs, dlogits,
+        n, n_experts, HAS_DPROBS=dprobs is not None, TOP_K=top_k, NORM=norm, BLOCK_ROWS=rows,
+        BLOCK_E=block_e,
+    )
+    return dlogits
+
+
+_gate_fwd_op = define_op(
+    "moe_gate_fwd(Tensor logits, int top_k, bool norm) -> (Tensor, Tensor, Tensor)",
+    _gate_fwd,
+    lambda logits, top_k, norm: (
+        logits.new_empty((logits.shape[0], top_k)),
+        logits.new_empty((logits.shape[0], top_k), dtype=torch.int64),
+        torch.empty_like(logits),
+    ),
+)
+_gate_bwd_op = define_op(
+    "moe_gate_bwd(Tensor probs, Tensor topk_weight, Tensor topk_idx, Tensor dtw, Tensor? dprobs, int top_k,"
+    " bool norm) -> Tensor",
+    _gate_bwd,
+    lambda probs, topk_weight, topk_idx, dtw, dprobs, top_k, norm: torch.empty_like(probs),
+)
+
+
 class MoEGateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, gate_weight, top_k, norm_topk_prob):
         with torch.autocast(hidden.device.type, enabled=False):  # the router stays fp32 under autocast
             logits = F.linear(hidden.float(), gate_weight.float()).contiguous()  # (N, E), cuBLAS
-        n, n_experts = logits.shape
-        probs = torch.empty_like(logits)
-        topk_weight = torch.empty((n, top_k), device=logits.device, dtype=torch.float32)
-        topk_idx = torch.empty((n, top_k), device=logits.device, dtype=torch.int64)
-        block_e, rows = _gate_rows(n_experts)
         norm = bool(norm_topk_prob and top_k > 1)
-        _moe_gate_fwd_kernel[(cdiv(n, rows),)](
-            logits, probs, topk_weight, topk_idx, n, n_experts,
-            TOP_K=top_k, NORM=norm, BLOCK_ROWS=rows, BLOCK_E=block_e,
-        )
+        topk_weight, topk_idx, probs = _gate_fwd_op(logits, top_k, norm)
         ctx.save_for_backward(hidden, gate_weight, probs, topk_weight, topk_idx)
         ctx.meta = (top_k, norm)
         ctx.mark_non_differentiable(topk_idx)
@@ -243,15 +279,8 @@ class MoEGateFunction(torch.autograd.Function):
     def backward(ctx, dtw, _didx, dprobs):
         hidden, gate_weight, probs, topk_weight, topk_idx = ctx.saved_tensors
         top_k, norm = ctx.meta
-        n, n_experts = probs.shape
         dtw = torch.zeros_like(topk_weight) if dtw is None else dtw.float().contiguous()
-        dlogits = torch.empty_like(probs)
-        block_e, rows = _gate_rows(n_experts)
-        _moe_gate_bwd_kernel[(cdiv(n, rows),)](
-            probs, topk_weight, topk_idx, dtw, dprobs.contiguous() if dprobs is not None else probs, dlogits,
-            n, n_experts, HAS_DPROBS=dprobs is not None, TOP_K=top_k, NORM=norm, BLOCK_ROWS=rows,
-            BLOCK_E=block_e,
-        )
+        dlogits = _gate_bwd_op(probs, topk_weight, topk_idx, dtw, dprobs, top_k, norm)
         dhidden = (dlogits @ gate_weight.float()).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         dgate = (dlogits.t() @ hidden.float()).to(gate_weight.dtype) if ctx.needs_input_grad[1] else None
         return dhidden, dgate, None, None
@@ -293,41 +322,71 @@ def _precision(a: torch.Tensor) -> str:
     return "ieee" if a.dtype == torch.float32 else "tf32"
 
 
-def _expert_mm(a, r: _Routing, w, blocks, *, transpose: bool, gather: bool, w2=None):
-    """Per sorted row m of expert e: a[row] @ (w[e].T if transpose else w[e]); rows gathered by r.tok
-    when `gather`. With w2: returns (a @ w, a @ w2, silu(a @ w) * (a @ w2))."""
+def _grouped_mm(a, tok, w, w2, seg_start, counts, tile_end, n_tiles, transpose, gather, blocks):
+    """The launcher behind `_expert_mm`: [c] or, with w2, [c, c2, act], each (M, n_out) in a's dtype."""
     block_m, block_n, block_k = blocks
     w = w.contiguous()
     n_inner, n_out = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
     stride_k, stride_n = (w.stride(2), w.stride(1)) if transpose else (w.stride(1), w.stride(2))
-    m = r.order.numel()
+    m = tok.numel()
     c = torch.empty((m, n_out), device=a.device, dtype=a.dtype)
     c2 = torch.empty_like(c) if w2 is not None else c
     act = torch.empty_like(c) if w2 is not None else c
-    grid = (r.n_tiles, cdiv(n_out, block_n))
+    grid = (n_tiles, cdiv(n_out, block_n))
     _grouped_mm_kernel[grid](
-        a, r.tok, w, w2.contiguous() if w2 is not None else w, c, c2, act, r.seg_start, r.counts, r.tile_end,
+        a, tok, w, w2.contiguous() if w2 is not None else w, c, c2, act, seg_start, counts, tile_end,
         w.shape[0], n_out, n_inner, a.stride(0), w.stride(0), stride_k, stride_n, c.stride(0),
         GATHER_A=gather, DUAL=w2 is not None, DOT_PRECISION=_precision(a),
         BLOCK_E=next_pow2(w.shape[0]), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, **({} if interpreting() else {"num_stages": 3}),
     )
-    return (c, c2, act) if w2 is not None else c
+    return [c, c2, act] if w2 is not None else [c]
 
 
-def _expert_wgrad(left, right, r: _Routing, like: torch.Tensor, blocks, *, gather_right: bool):
-    """(E, P, Q) shaped like `like`: out[e] = left[seg e].T @ right[seg e] (right rows gathered by r.tok)."""
+def _grouped_mm_fake(a, tok, w, w2, seg_start, counts, tile_end, n_tiles, transpose, gather, blocks):
+    n_out = w.shape[1] if transpose else w.shape[2]
+    return [a.new_empty((tok.numel(), n_out)) for _ in range(3 if w2 is not None else 1)]
+
+
+_grouped_mm_op = define_op(
+    "moe_grouped_mm(Tensor a, Tensor tok, Tensor w, Tensor? w2, Tensor seg_start, Tensor counts, Tensor tile_end,"
+    " int n_tiles, bool transpose, bool gather, int[] blocks) -> Tensor[]",
+    _grouped_mm, _grouped_mm_fake,
+)
+
+
+def _expert_mm(a, r: _Routing, w, blocks, *, transpose: bool, gather: bool, w2=None):
+    """Per sorted row m of expert e: a[row] @ (w[e].T if transpose else w[e]); rows gathered by r.tok
+    when `gather`. With w2: returns (a @ w, a @ w2, silu(a @ w) * (a @ w2))."""
+    out = _grouped_mm_op(a, r.tok, w, w2, r.seg_start, r.counts, r.tile_end, r.n_tiles, transpose, gather, blocks)
+    return tuple(out) if w2 is not None else out[0]
+
+
+def _grouped_wgrad(left, right, tok, seg_start, counts, like, gather_right, blocks):
     block_m, block_n, _ = blocks  # the reduction runs over rows, BLOCK_M at a time
     out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     n_experts, n_p, n_q = out.shape
     grid = (n_experts, cdiv(n_p, block_n), cdiv(n_q, block_n))
     _grouped_wgrad_kernel[grid](
-        left, right, r.tok, out, r.seg_start, r.counts, n_p, n_q, left.stride(0), right.stride(0),
+        left, right, tok, out, seg_start, counts, n_p, n_q, left.stride(0), right.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         GATHER_R=gather_right, DOT_PRECISION=_precision(left), BLOCK_P=block_n, BLOCK_Q=block_n,
         BLOCK_K=block_m, num_warps=4,
     )
     return out
+
+
+_grouped_wgrad_op = define_op(
+    "moe_grouped_wgrad(Tensor left, Tensor right, Tensor tok, Tensor seg_start, Tensor counts, Tensor like,"
+    " bool gather_right, int[] blocks) -> Tensor",
+    _grouped_wgrad,
+    lambda left, right, tok, seg_start, counts, like, gather_right, blocks: like.new_empty(like.shape),
+)
+
+
+def _expert_wgrad(left, right, r: _Routing, like: torch.Tensor, blocks, *, gather_right: bool):
+    """(E, P, Q) shaped like `like`: out[e] = left[seg e].T @ right[seg e] (right rows gathered by r.tok)."""
+    return _grouped_wgrad_op(left, right, r.tok, r.seg_start, r.counts, like, gather_right, blocks)
 
 
 class MoEDispatchCombineFunction(torch.autograd.Function):
@@ -353,10 +412,7 @@ class MoEDispatchCombineFunction(torch.autograd.Function):
         dtw = torch.empty_like(w_sorted, dtype=torch.float32).scatter_(0, r.order, (dy_w.float() * y.float()).sum(-1))
         dy = dy_w * w_sorted.unsqueeze(-1).to(dy_w.dtype)
         dact = _expert_mm(dy, r, w_down, blocks, transpose=False, gather=False)  # (N*K, F)
-        dh1, dh2 = torch.empty_like(h1), torch.empty_like(h2)
-        n = h1.numel()
-        block = (1 << 14) if interpreting() else 1024
-        _swiglu_bwd_kernel[(cdiv(n, block),)](dact, h1, h2, dh1, dh2, n, BLOCK_SIZE=block)
+        dh1, dh2 = _swiglu_bwd_op(dact, h1, h2, None)
         dx_sorted = _expert_mm(dh1, r, w_gate, blocks, transpose=False, gather=False)
         dx_sorted += _expert_mm(dh2, r, w_up, blocks, transpose=False, gather=False)
         dhidden = torch.zeros_like(hidden).index_add_(0, r.tok, dx_sorted)
@@ -390,8 +446,9 @@ def moe_dispatch_combine(hidden, topk_weight, topk_idx, w_gate, w_up, w_down, *,
     if w_gate.shape != (n_experts, f, d) or w_up.shape != w_gate.shape or w_down.shape != (n_experts, d, f):
         raise ValueError(f"moe_dispatch_combine: w_gate, w_up (E, F, D) and w_down (E, D, F) expected with D={d}, "
                          f"got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
-    if not hidden.is_cuda and topk_idx.numel() and not 0 <= int(topk_idx.min()) <= int(topk_idx.max()) < n_experts:
-        # checked on the CPU only: on CUDA the check would be a host sync
+    if (not hidden.is_cuda and not torch.compiler.is_compiling() and topk_idx.numel()
+            and not 0 <= int(topk_idx.min()) <= int(topk_idx.max()) < n_experts):
+        # checked on the CPU only: on CUDA the check would be a host sync, and under torch.compile a graph break
         raise ValueError(f"moe_dispatch_combine: topk_idx values must be in 0..{n_experts - 1}")
     if torch.is_autocast_enabled(hidden.device.type):
         # as F.linear in the reference would: the expert matmuls run in the autocast dtype

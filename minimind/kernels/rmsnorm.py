@@ -14,6 +14,7 @@ from minimind.kernels._triton import (
     cdiv,
     check_device,
     default_rows_per_program,
+    define_op,
     jit,
     next_pow2,
     persistent_programs,
@@ -109,6 +110,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rmsnorm_fwd(x, residual, weight, eps, rows_per_program):
+    """(y (N, D), new residual (N, D) or an empty tensor without `residual`, rstd (N,) fp32)."""
     x2 = _rows(x)
     n, d = x2.shape
     y = torch.empty((n, d), device=x.device, dtype=x.dtype)
@@ -117,17 +119,31 @@ def _rmsnorm_fwd(x, residual, weight, eps, rows_per_program):
         r2 = _rows(residual)
         res = torch.empty((n, d), device=x.device, dtype=torch.result_type(x, residual))
     else:
-        r2, res = x2, y  # unused (HAS_RESIDUAL=False)
+        r2, res = x2, x.new_empty(0)  # unused (HAS_RESIDUAL=False)
     block, rows, num_warps = _launch_params(d, rows_per_program)
     _rmsnorm_fwd_kernel[(cdiv(n, rows),)](
-        x2, r2, weight, y, res, rstd, n, d, eps,
-        x2.stride(0), r2.stride(0), y.stride(0), res.stride(0),
+        x2, r2, weight, y, res if residual is not None else y, rstd, n, d, eps,
+        x2.stride(0), r2.stride(0), y.stride(0), res.stride(0) if residual is not None else 0,
         HAS_RESIDUAL=residual is not None, BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=num_warps,
     )
-    return y, (res if residual is not None else None), rstd
+    return y, res, rstd
+
+
+def _rmsnorm_fwd_fake(x, residual, weight, eps, rows_per_program):
+    n, d = x.numel() // x.shape[-1], x.shape[-1]
+    res = x.new_empty((n, d), dtype=torch.result_type(x, residual)) if residual is not None else x.new_empty(0)
+    return x.new_empty((n, d)), res, x.new_empty(n, dtype=torch.float32)
+
+
+_rmsnorm_fwd_op = define_op(
+    "rmsnorm_fwd(Tensor x, Tensor? residual, Tensor weight, float eps, int? rows_per_program)"
+    " -> (Tensor, Tensor, Tensor)",
+    _rmsnorm_fwd, _rmsnorm_fwd_fake,
+)
 
 
 def _rmsnorm_bwd(dy, x, weight, rstd, dres, rows_per_program, dx_dtype):
+    """(dx (N, D) in dx_dtype, dw (D,)): dres, the new residual's own gradient, is added to dx."""
     dy2, x2 = _rows(dy), _rows(x)
     n, d = x2.shape
     dres2 = _rows(dres) if dres is not None else dy2
@@ -144,10 +160,21 @@ def _rmsnorm_bwd(dy, x, weight, rstd, dres, rows_per_program, dx_dtype):
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
+def _rmsnorm_bwd_fake(dy, x, weight, rstd, dres, rows_per_program, dx_dtype):
+    return x.new_empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=dx_dtype), torch.empty_like(weight)
+
+
+_rmsnorm_bwd_op = define_op(
+    "rmsnorm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? dres, int? rows_per_program,"
+    " ScalarType dx_dtype) -> (Tensor, Tensor)",
+    _rmsnorm_bwd, _rmsnorm_bwd_fake,
+)
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, rows_per_program):
-        y, _, rstd = _rmsnorm_fwd(x, None, weight, eps, rows_per_program)
+        y, _, rstd = _rmsnorm_fwd_op(x, None, weight, eps, rows_per_program)
         ctx.save_for_backward(x, weight, rstd)
         ctx.rows_per_program = rows_per_program
         return y.view(x.shape)
@@ -155,14 +182,14 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rmsnorm_bwd(dy, x, weight, rstd, None, ctx.rows_per_program, x.dtype)
+        dx, dw = _rmsnorm_bwd_op(dy, x, weight, rstd, None, ctx.rows_per_program, x.dtype)
         return dx.view(x.shape), dw, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, rows_per_program):
-        y, res, rstd = _rmsnorm_fwd(x, residual, weight, eps, rows_per_program)
+        y, res, rstd = _rmsnorm_fwd_op(x, residual, weight, eps, rows_per_program)
         ctx.save_for_backward(res, weight, rstd)
         ctx.rows_per_program = rows_per_program
         ctx.dtypes = (x.dtype, residual.dtype)
@@ -173,7 +200,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dres):
         res, weight, rstd = ctx.saved_tensors
         # x and residual both receive d(new_residual) = norm's dx + the returned residual's gradient
-        dsum, dw = _rmsnorm_bwd(dy, res, weight, rstd, dres, ctx.rows_per_program, res.dtype)
+        dsum, dw = _rmsnorm_bwd_op(dy, res, weight, rstd, dres, ctx.rows_per_program, res.dtype)
         dsum = dsum.view(ctx.shape)
         return dsum.to(ctx.dtypes[0]), dsum.to(ctx.dtypes[1]), dw, None, None
 

@@ -10,7 +10,7 @@ positions is saved. For inference, `inplace=True` rotates q and k in their own m
 
 import torch
 
-from minimind.kernels._triton import cdiv, check_device, default_rows_per_program, jit, next_pow2, tl
+from minimind.kernels._triton import cdiv, check_device, default_rows_per_program, define_op, jit, next_pow2, tl
 
 
 def rope_ref(
@@ -81,7 +81,8 @@ def _rope_launch(q, k, cos, sin, pos, sign, rows_per_program, inplace=False):
     n, hq, dh = q3.shape
     hk = k3.shape[1]
     # in place: each program loads its elements before it stores them, so reading and writing one buffer is safe
-    qo, ko = (q3, k3) if inplace else (torch.empty_like(q3), torch.empty_like(k3))
+    new = lambda x3: torch.empty(x3.shape, device=x3.device, dtype=x3.dtype)  # contiguous, as the fake says
+    qo, ko = (q3, k3) if inplace else (new(q3), new(k3))
     block_half = next_pow2(dh // 2)
     block_hq, block_hk = next_pow2(hq), next_pow2(hk)
     rows = next_pow2(rows_per_program or default_rows_per_program((block_hq + block_hk) * 2 * block_half))
@@ -101,6 +102,26 @@ def _rope_launch(q, k, cos, sin, pos, sign, rows_per_program, inplace=False):
     return qo.view(q.shape), ko.view(k.shape)
 
 
+# pos: (B*T,) int64, the position of every token; sign -1 rotates by -θ (the backward)
+_rope_op = define_op(
+    "rope(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor pos, float sign, int? rows_per_program)"
+    " -> (Tensor, Tensor)",
+    _rope_launch,
+    lambda q, k, cos, sin, pos, sign, rows_per_program: (q.new_empty(q.shape), k.new_empty(k.shape)),
+)
+
+
+def _rope_inplace(q, k, cos, sin, pos, rows_per_program):
+    _rope_launch(q, k, cos, sin, pos, 1.0, rows_per_program, inplace=True)
+
+
+_rope_inplace_op = define_op(
+    "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor pos, int? rows_per_program) -> ()",
+    _rope_inplace,
+    lambda q, k, cos, sin, pos, rows_per_program: None,
+)
+
+
 def _table_grads(dq, dk, q, k, pos, cos):
     """d cos, d sin (P, Dh/2), in torch: the model's tables are buffers, so this runs only when a caller
     asks for gradients of the tables themselves."""
@@ -118,7 +139,7 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, rows_per_program):
         pos = position_ids.expand(q.shape[0], q.shape[1]).reshape(-1).contiguous()
-        qo, ko = _rope_launch(q, k, cos, sin, pos, 1.0, rows_per_program)
+        qo, ko = _rope_op(q, k, cos, sin, pos, 1.0, rows_per_program)
         tables_need_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         ctx.save_for_backward(cos, sin, pos, *((q, k) if tables_need_grad else ()))
         ctx.rows_per_program = rows_per_program
@@ -129,7 +150,7 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin, pos, *qk = ctx.saved_tensors
         dqo = torch.zeros_like(dqo) if dqo is None else dqo
         dko = torch.zeros_like(dko) if dko is None else dko
-        dq, dk = _rope_launch(dqo, dko, cos, sin, pos, -1.0, ctx.rows_per_program)
+        dq, dk = _rope_op(dqo, dko, cos, sin, pos, -1.0, ctx.rows_per_program)
         dcos = dsin = None
         if qk:
             dcos, dsin = _table_grads(dqo, dko, qk[0], qk[1], pos.view(dqo.shape[:2]), cos)
@@ -156,5 +177,6 @@ def rope(q, k, cos, sin, position_ids, *, rows_per_program: int | None = None, i
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin)):
             raise ValueError("rope(inplace=True) is for inference: q, k, cos and sin must not need gradients")
         pos = position_ids.expand(q.shape[0], q.shape[1]).reshape(-1).contiguous()
-        return _rope_launch(q, k, cos, sin, pos, 1.0, rows_per_program, inplace=True)
+        _rope_inplace_op(q, k, cos, sin, pos, rows_per_program)
+        return q, k
     return RoPEFunction.apply(q, k, cos, sin, position_ids, rows_per_program)

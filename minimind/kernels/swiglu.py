@@ -8,7 +8,7 @@ saves one (N, F) activation per MLP; the kernels are memory-bound, so the recomp
 import torch
 import torch.nn.functional as F
 
-from minimind.kernels._triton import cdiv, check_device, interpreting, jit, tl
+from minimind.kernels._triton import cdiv, check_device, define_op, interpreting, jit, tl
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -47,26 +47,49 @@ def _block(block_size: int | None) -> tuple[int, int]:
     return block, max(1, min(16, block // 256))
 
 
+def _swiglu_fwd(gate, up, block_size):
+    """gate and up contiguous, of one shape."""
+    y = torch.empty(gate.shape, device=gate.device, dtype=torch.result_type(gate, up))
+    block, num_warps = _block(block_size)
+    n = gate.numel()
+    _swiglu_fwd_kernel[(cdiv(n, block),)](gate, up, y, n, BLOCK_SIZE=block, num_warps=num_warps)
+    return y
+
+
+def _swiglu_bwd(dy, gate, up, block_size):
+    dy = dy.contiguous()
+    dg = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    du = torch.empty(up.shape, device=up.device, dtype=up.dtype)
+    block, num_warps = _block(block_size)
+    n = gate.numel()
+    _swiglu_bwd_kernel[(cdiv(n, block),)](dy, gate, up, dg, du, n, BLOCK_SIZE=block, num_warps=num_warps)
+    return dg, du
+
+
+_swiglu_fwd_op = define_op(
+    "swiglu_fwd(Tensor gate, Tensor up, int? block_size) -> Tensor",
+    _swiglu_fwd,
+    lambda gate, up, block_size: gate.new_empty(gate.shape, dtype=torch.result_type(gate, up)),
+)
+_swiglu_bwd_op = define_op(
+    "swiglu_bwd(Tensor dy, Tensor gate, Tensor up, int? block_size) -> (Tensor, Tensor)",
+    _swiglu_bwd,
+    lambda dy, gate, up, block_size: (gate.new_empty(gate.shape), up.new_empty(up.shape)),
+)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, block_size):
         g, u = gate.contiguous(), up.contiguous()
-        y = torch.empty(g.shape, device=g.device, dtype=torch.result_type(gate, up))
-        block, num_warps = _block(block_size)
-        n = g.numel()
-        _swiglu_fwd_kernel[(cdiv(n, block),)](g, u, y, n, BLOCK_SIZE=block, num_warps=num_warps)
         ctx.save_for_backward(g, u)
         ctx.block_size = block_size
-        return y
+        return _swiglu_fwd_op(g, u, block_size)
 
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        block, num_warps = _block(ctx.block_size)
-        n = g.numel()
-        _swiglu_bwd_kernel[(cdiv(n, block),)](dy, g, u, dg, du, n, BLOCK_SIZE=block, num_warps=num_warps)
+        dg, du = _swiglu_bwd_op(dy, g, u, ctx.block_size)
         return dg, du, None
 
 
