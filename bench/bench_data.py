@@ -103,7 +103,8 @@ def test_prepare_throughput(benchmark, corpus, tmp_path, provider, workers):
         cpu.append(sum(t1[:4]) - sum(t0[:4]))
 
     benchmark.pedantic(timed, rounds=2, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["MB_per_cpu_s"] = round(src.stat().st_size / (sum(cpu) / len(cpu)) / 1e6, 2)
+    if sum(cpu) > 0:  # os.times() ticks at 10 ms: a smoke-sized input can take "no" CPU time
+        benchmark.extra_info["MB_per_cpu_s"] = round(src.stat().st_size / (sum(cpu) / len(cpu)) / 1e6, 2)
     benchmark.extra_info["load_avg_1m"] = round(os.getloadavg()[0], 1)
     if benchmark.stats:
         benchmark.extra_info["MB_per_s"] = round(src.stat().st_size / benchmark.stats.stats.mean / 1e6, 2)

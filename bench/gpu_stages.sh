@@ -101,6 +101,6 @@ check chat chat &
 check eval_ppl eval_ppl &
 check export $MM export --ckpt "$W/sft" --out "$W/hf" &
 wait
-cat "$W/sync_free.out" >>"$LOG" 2>/dev/null
+grep -E "^(ok|SYNC|FAILED) " "$W/sync_free.out" | sed 's/^/    sync_check: /' >>"$LOG" 2>/dev/null
 rm -rf "$W"
 ! grep -q FAILED "$LOG"
