@@ -109,7 +109,12 @@ def _bucket(n: int, multiple: int, cap: int) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
+                 compile: bool | str = False):
+        """`compile`: True compiles the decode step and keeps it if a timed warm-up finds it faster
+        than eager here (`warmup_report` says); "always" keeps it regardless (tests, benchmarks)."""
+        if compile not in (False, True, "always"):
+            raise ValueError(f"compile must be False, True or 'always', got {compile!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
@@ -120,7 +125,7 @@ class Engine:
         self.end_ids = frozenset(self._end_token_ids(tokenizer))
         # the decode step compiled once, its sizes dynamic (rows and attended length): no recompilation
         # after warm-up. No CUDA graphs ("reduce-overhead"): they would record one graph per length.
-        self.compile = compile
+        self.compile = bool(compile)
         self._decode_fn = torch.compile(self._decode_graph) if compile else None
         self._ids = itertools.count()
         self._inbox: collections.deque = collections.deque()  # thread-safe appends/pops
@@ -133,7 +138,7 @@ class Engine:
         self.dtype_report = f"dtype: {str(next(model.parameters()).dtype).removeprefix('torch.')}"
         self.warmup_report: str | None = None  # compile=True: the warm-up's time and verdict
         if compile:
-            self.warmup_report = self._warm_up()
+            self.warmup_report = self._warm_up(keep=compile == "always")
             log.info(self.warmup_report)
 
     @classmethod
@@ -281,7 +286,7 @@ class Engine:
         self._solo = max(0, self._solo - len(admitted))
         return admitted
 
-    def _warm_up(self, rounds: int = 5) -> str:
+    def _warm_up(self, keep: bool, rounds: int = 5) -> str:
         """Compile the decode step (one graph for one row, one for 2..max_batch rows), then time it
         against eager decode at one row, alternating. If compiled is not faster on this device,
         decode runs eager from now on. -> a line saying what was measured and chosen."""
@@ -303,8 +308,10 @@ class Engine:
         finally:
             self.model.train(was_training)
         fast, slow = statistics.median(times[True]), statistics.median(times[False])
-        self.compile = fast < slow
+        self.compile = keep or fast < slow
         verdict = "decode runs compiled" if self.compile else "compiled is not faster here: decode runs eager"
+        if keep and fast >= slow:
+            verdict = "decode runs compiled (as asked), though it is not faster here"
         return (f"compile: warm-up {compiled_s:.1f} s; a one-row decode step {fast * 1e3:.1f} ms compiled, "
                 f"{slow * 1e3:.1f} ms eager (median of {rounds}); {verdict}")
 

@@ -77,15 +77,16 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
                log_interval: float = 10.0, threads: int | None = None) -> FastAPI:
     """`max_prompt_chars`: longer prompts are refused before tokenizing (default: the most characters
     that could fit the context). `log_interval`: seconds between throughput lines under load.
-    `threads`: torch threads of the engine thread (default `infer.tuning.engine_threads`)."""
-    threads = threads or engine_threads(next(engine.model.parameters()).device)
+    `threads`: torch threads, set from the engine thread when it starts (default: left as they are;
+    `minimind serve` passes `infer.tuning.engine_threads`)."""
     loop_engine = AsyncEngine(engine, max_queue=max_queue, log_interval=log_interval, threads=threads)
     expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         loop_engine.start()
-        for line in (_layout(engine, threads), engine.dtype_report, engine.warmup_report):
+        for line in (_layout(engine, threads or torch.get_num_threads()), engine.dtype_report,
+                     engine.warmup_report):
             if line:
                 log.info(line)
         yield
@@ -535,7 +536,7 @@ def run(args) -> int:
         return 2
     name = args.model_name or run_name(args.ckpt)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                     threads=getattr(args, "threads", None))
+                     threads=getattr(args, "threads", None) or engine_threads(next(engine.model.parameters()).device))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, timeout_graceful_shutdown=10,
                                            header_timeout=getattr(args, "header_timeout", HEADER_TIMEOUT)))
