@@ -338,11 +338,15 @@ class Engine:
         device = self.cache.k.device
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=device)  # (B, 1)
         pos = torch.tensor([[r.length - 1] for r in reqs], device=device)
-        length = max(r.length for r in reqs)
+        return self.decode_logits(ids, pos, length=max(r.length for r in reqs))
+
+    def decode_logits(self, ids, pos, length: int) -> torch.Tensor:
+        """The decode step on the device: each running row's last token `ids` (n, 1) at `pos` (n, 1),
+        attending its first `length` cache slots -> next-token logits (n, V)."""
         if not self.compile:
             return self._forward_last(ids, pos, self.cache.k, self.cache.v, 0, length)
-        b = _bucket(len(reqs), 8 if len(reqs) > 4 else 1, self.max_batch)
-        return self._compiled_decode(_pad_rows(ids, b), _pad_rows(pos, b), length)[: len(reqs)]
+        b = _bucket(ids.shape[0], 8 if ids.shape[0] > 4 else 1, self.max_batch)
+        return self._compiled_decode(_pad_rows(ids, b), _pad_rows(pos, b), length)[: ids.shape[0]]
 
     def _compiled_decode(self, ids, pos, length: int) -> torch.Tensor:
         # dynamic sizes, never 0 or 1 (those are specialized): the attended length is >= 2 (a prompt
@@ -360,20 +364,29 @@ class Engine:
         device = self.cache.k.device
         t = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=device)  # (B, T)
-        pos = torch.arange(t, device=device).unsqueeze(0).expand(len(reqs), t)
-        view = _CacheView(self.cache.k, self.cache.v, start, len(reqs), t)
-        hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)
-        logits = self.model.lm_head(hidden[torch.arange(len(reqs), device=device), last])[:, : self.vocab_size]
-        rows = slice(start, start + len(reqs))
-        self._counts[rows] = 0
-        self._seen[rows] = False
-        self._seen[rows].scatter_(1, ids, True)
-        self._seen[rows, 0] = torch.tensor([0 in r.prompt for r in reqs], device=device)  # undo the padding id
+        has_zero = torch.tensor([0 in r.prompt for r in reqs], device=device)
+        logits, hidden = self.prefill_logits(ids, last, has_zero, start=start)
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
                 r.prompt_logprobs = self._prompt_logprobs(hidden[i, : len(r.prompt)], r)
         return logits
+
+    def prefill_logits(self, ids, last, has_zero, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill on the device: right-padded prompts `ids` (B, T) into cache rows start..start+B-1,
+        `last` (B,) each prompt's last index, `has_zero` (B,) whether it holds token id 0 (the padding id)
+        -> (last-token logits (B, V), hidden states (B, T, D)); resets the rows' penalty counts."""
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+        view = _CacheView(self.cache.k, self.cache.v, start, b, t)
+        hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
+        logits = self.model.lm_head(hidden[torch.arange(b, device=ids.device), last])[:, : self.vocab_size]
+        rows = slice(start, start + b)
+        self._counts[rows] = 0
+        self._seen[rows] = False
+        self._seen[rows].scatter_(1, ids, True)
+        self._seen[rows, 0] = has_zero  # undo the padding id
+        return logits, hidden
 
     def _prompt_logprobs(self, hidden, req: Request) -> list:
         """Scoring (echo + logprobs): the logprob of each prompt token given the ones before it."""
@@ -387,6 +400,15 @@ class Engine:
             out.append((lp, dict(zip(top_ids[j], top_vals[j])) if top is not None else {}))
         return out
 
+    def sample_tokens(self, logits, steps) -> torch.Tensor:
+        """Sampling on the device: logits (n, V) of rows 0..n-1 and each row's output index `steps`
+        (n,) -> token ids (n,), counted into the rows' penalty state."""
+        n = logits.shape[0]
+        tokens = sample(logits, self._batch_params, steps, self._counts[:n], self._seen[:n])
+        self._counts[:n].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+        self._seen[:n].scatter_(1, tokens.unsqueeze(1), True)
+        return tokens
+
     def _sample_and_append(self, logits) -> list[Request]:
         reqs = list(self.running)
         device = logits.device
@@ -394,7 +416,7 @@ class Engine:
             self._batch_params = BatchParams.build([r.params for r in reqs], [r.seed for r in reqs], device)
         steps = torch.tensor([len(r.output) for r in reqs], device=device)
         n = len(reqs)
-        tokens = sample(logits, self._batch_params, steps, self._counts[:n], self._seen[:n])
+        tokens = self.sample_tokens(logits, steps)
         self.tokens_generated += n
         k = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
         packed = [tokens.to(torch.float64)]
@@ -403,8 +425,6 @@ class Engine:
             packed.append(chosen.to(torch.float64))
             if top is not None:
                 packed += [top.values.to(torch.float64).T.reshape(-1), top.indices.to(torch.float64).T.reshape(-1)]
-        self._counts[:n].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
-        self._seen[:n].scatter_(1, tokens.unsqueeze(1), True)
         host = torch.cat(packed).tolist()  # the step's one device->host transfer
         finished = []
         for i, req in enumerate(reqs):
