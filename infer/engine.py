@@ -98,10 +98,16 @@ class _CacheView:
     def update(self, layer: int, k, v, position_ids):
         rows = torch.arange(self.start, self.start + k.shape[0], device=k.device).unsqueeze(1).expand_as(position_ids)
         layers = torch.full_like(position_ids, layer)
-        self.k[layers, rows, :, position_ids] = k.to(self.k.dtype)  # k: (B, T, Hk, Dh)
-        self.v[layers, rows, :, position_ids] = v.to(self.v.dtype)
-        window = slice(self.start, self.start + self.rows)
-        return self.k[layer, window, :, : self.max_len], self.v[layer, window, :, : self.max_len]  # (B, Hk, S, Dh)
+        # the aten op, not `self.k[layers, rows, :, position_ids] = k`: Python indexing of a CUDA tensor
+        # needs a real device, which fake CUDA tensors on a CPU-only torch lack (test_fake_cuda_engine.py)
+        index = [layers, rows, None, position_ids]
+        torch.ops.aten.index_put_(self.k, index, k.to(self.k.dtype))  # k: (B, T, Hk, Dh)
+        torch.ops.aten.index_put_(self.v, index, v.to(self.v.dtype))
+        return self._window(self.k, layer), self._window(self.v, layer)  # (B, Hk, S, Dh)
+
+    def _window(self, cache, layer: int):
+        # methods, not `cache[layer, a:b, :, :s]`: Python indexing of a CUDA tensor needs a real device
+        return cache.select(0, layer).narrow(0, self.start, self.rows).narrow(2, 0, self.max_len)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:
@@ -327,7 +333,8 @@ class Engine:
 
     def _forward_last(self, input_ids, position_ids, k, v, start: int, max_len: int):
         view = _CacheView(k, v, start, input_ids.shape[0], max_len)
-        return self.model(input_ids, position_ids=position_ids, kv_cache=view).logits[:, -1, : self.vocab_size]
+        logits = self.model(input_ids, position_ids=position_ids, kv_cache=view).logits  # (B, T, V)
+        return logits.select(1, -1).narrow(1, 0, self.vocab_size)
 
     def _decode_graph(self, input_ids, position_ids, k, v, slots):
         """The compiled decode: rows 0..B-1, attending over len(slots) cache slots (a dynamic size)."""
@@ -340,13 +347,17 @@ class Engine:
         pos = torch.tensor([[r.length - 1] for r in reqs], device=device)
         return self.decode_logits(ids, pos, length=max(r.length for r in reqs))
 
+    # The device core: `prefill_logits`, `decode_logits`, `sample_tokens` take and return tensors on
+    # the model's device and never read one back. They index with methods (narrow, select, gather),
+    # not Python's `t[...]`, so that they also run on fake CUDA tensors (tests/test_fake_cuda_engine.py).
+
     def decode_logits(self, ids, pos, length: int) -> torch.Tensor:
         """The decode step on the device: each running row's last token `ids` (n, 1) at `pos` (n, 1),
         attending its first `length` cache slots -> next-token logits (n, V)."""
         if not self.compile:
             return self._forward_last(ids, pos, self.cache.k, self.cache.v, 0, length)
         b = _bucket(ids.shape[0], 8 if ids.shape[0] > 4 else 1, self.max_batch)
-        return self._compiled_decode(_pad_rows(ids, b), _pad_rows(pos, b), length)[: ids.shape[0]]
+        return self._compiled_decode(_pad_rows(ids, b), _pad_rows(pos, b), length).narrow(0, 0, ids.shape[0])
 
     def _compiled_decode(self, ids, pos, length: int) -> torch.Tensor:
         # dynamic sizes, never 0 or 1 (those are specialized): the attended length is >= 2 (a prompt
@@ -380,12 +391,13 @@ class Engine:
         pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
         view = _CacheView(self.cache.k, self.cache.v, start, b, t)
         hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
-        logits = self.model.lm_head(hidden[torch.arange(b, device=ids.device), last])[:, : self.vocab_size]
-        rows = slice(start, start + b)
-        self._counts[rows] = 0
-        self._seen[rows] = False
-        self._seen[rows].scatter_(1, ids, True)
-        self._seen[rows, 0] = has_zero  # undo the padding id
+        at_last = hidden.gather(1, last.view(b, 1, 1).expand(b, 1, hidden.shape[-1])).squeeze(1)  # (B, D)
+        logits = self.model.lm_head(at_last).narrow(1, 0, self.vocab_size)
+        self._counts.narrow(0, start, b).zero_()
+        seen = self._seen.narrow(0, start, b)
+        seen.zero_()
+        seen.scatter_(1, ids, True)
+        seen.scatter_(1, torch.zeros_like(last).unsqueeze(1), has_zero.unsqueeze(1))  # undo the padding id
         return logits, hidden
 
     def _prompt_logprobs(self, hidden, req: Request) -> list:
@@ -404,9 +416,10 @@ class Engine:
         """Sampling on the device: logits (n, V) of rows 0..n-1 and each row's output index `steps`
         (n,) -> token ids (n,), counted into the rows' penalty state."""
         n = logits.shape[0]
-        tokens = sample(logits, self._batch_params, steps, self._counts[:n], self._seen[:n])
-        self._counts[:n].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
-        self._seen[:n].scatter_(1, tokens.unsqueeze(1), True)
+        counts, seen = self._counts.narrow(0, 0, n), self._seen.narrow(0, 0, n)
+        tokens = sample(logits, self._batch_params, steps, counts, seen)
+        counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+        seen.scatter_(1, tokens.unsqueeze(1), True)
         return tokens
 
     def _sample_and_append(self, logits) -> list[Request]:
