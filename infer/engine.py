@@ -161,7 +161,10 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(ckpt_dir) or ckpt_dir, config=PretrainedConfig())
         report = None
         if isinstance(dtype, str):
-            dtype, report = resolve_dtype(model, tokenizer, dtype, rows=min(kwargs.get("max_batch", 32), 16))
+            def make_engine(m, rows):
+                return cls(m, tokenizer, max_batch=rows, max_len=64)
+
+            dtype, report = resolve_dtype(model, make_engine, dtype, rows=min(kwargs.get("max_batch", 32), 16))
         if dtype is not None:
             model.to(dtype)
         engine = cls(model, tokenizer, **kwargs)

@@ -371,9 +371,9 @@ def _longest_token_bytes(tokenizer) -> int:
 def _layout(engine: Engine, threads: int) -> str:
     p = next(engine.model.parameters())
     return (f"engine: device {p.device}, dtype {str(p.dtype).removeprefix('torch.')}, max batch {engine.max_batch}, "
-            f"context {engine.max_len} tokens, compiled decode {'on' if engine.compile else 'off'}; threads: one "
-            f"engine thread running torch with {threads} (of {usable_cores()} cores; inter-op "
-            f"{torch.get_num_interop_threads()}), one event loop (HTTP, tokenizing, streaming)")
+            f"context {engine.max_len} tokens, compiled decode {'on' if engine.compile else 'off'}; one engine "
+            f"thread (torch threads {threads} of {usable_cores()} cores, inter-op {torch.get_num_interop_threads()}), "
+            f"one event loop (HTTP, tokenizing, streaming)")
 
 
 def _reason(reason: str | None) -> str | None:

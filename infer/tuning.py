@@ -34,17 +34,17 @@ def candidates(device: torch.device) -> list[torch.dtype]:
     return [torch.float32]
 
 
-def fastest_dtype(model, tokenizer, rows: int) -> tuple[torch.dtype, str]:
+def fastest_dtype(model, make_engine, rows: int) -> tuple[torch.dtype, str]:
     """Time one decode step of `model` at 1 and at `rows` rows in each candidate dtype, each on a copy
-    of the model; -> the dtype with the best geometric mean of the two speeds, and a line saying so."""
-    from infer.engine import Engine
-
+    of the model, through `make_engine(model, max_rows)` (an `Engine`: passed in, so that this module
+    does not import the engine that uses it); -> the dtype with the best geometric mean of the two
+    speeds, and a line saying so."""
     device = next(model.parameters()).device
     sizes = sorted({1, max(1, rows)})
     engines = {}
     for dtype in candidates(device):
         m = model if dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype)
-        engines[dtype] = Engine(m, tokenizer, max_batch=sizes[-1], max_len=64)
+        engines[dtype] = make_engine(m, sizes[-1])
     times = {(d, n): [] for d in engines for n in sizes}
     with torch.no_grad():
         for e in engines.values():
@@ -66,10 +66,10 @@ def fastest_dtype(model, tokenizer, rows: int) -> tuple[torch.dtype, str]:
     return best, f"dtype: {_name(best)}, the fastest here ({said})"
 
 
-def resolve_dtype(model, tokenizer, name: str, rows: int) -> tuple[torch.dtype, str]:
+def resolve_dtype(model, make_engine, name: str, rows: int) -> tuple[torch.dtype, str]:
     """`--dtype NAME` -> (dtype, a line to print); "auto" measures (`fastest_dtype`)."""
     if name == "auto":
-        return fastest_dtype(model, tokenizer, rows)
+        return fastest_dtype(model, make_engine, rows)
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
     return getattr(torch, name), f"dtype: {name} (as asked)"
