@@ -9,7 +9,11 @@ lengths (`ignore_eos`):
 - the engine alone decoding 16 rows at once, packed and unpacked;
 - aggregate output tokens/s with time to first token at 1/8/16/32 concurrent streams through
   `minimind serve` with the openai client, against the same server taking the 16 requests one at a
-  time.
+  time;
+- batch 1 through that server (the official client, one request at a time, streaming and not)
+  against the engine alone and transformers `generate()`, taking turns (issue 19);
+- compiled decode (`compile="always"`) against eager at 16, 128 and 512 new tokens after prompts of
+  16 and 200 tokens, taking turns, with the warm-up's time and the products floor beside them.
 `MINIMIND_BENCH_SMOKE=1`: `tiny`, a few tokens, no compile.
 
     .venv/bin/python -m pytest bench/bench_infer.py -s --benchmark-columns=mean,stddev,rounds
@@ -47,6 +51,8 @@ SEQUENTIAL = 4 if SMOKE else 16
 ROUNDS = 1 if SMOKE else 3
 SERVE_ROUNDS = 1 if SMOKE else 5  # the HTTP figures swing most on a shared 2-core machine
 RESULTS: dict[str, float] = {}
+COMPILED_PROMPTS = (16, 200)
+COMPILED_NEW = (16, 128, 512)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,8 @@ def _decode_runner(model, tok, provider):
                 out = hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
             return out[0, len(PROMPT):].tolist()
     else:
-        engine = Engine(model, tok, max_batch=1, max_len=256, compile=provider == "engine_compiled")
+        compile = "always" if provider == "engine_compiled" else False  # the compiled figure even where it loses
+        engine = Engine(model, tok, max_batch=1, max_len=256, compile=compile)
         sp = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
 
         def run():
@@ -212,7 +219,7 @@ def server(setup):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "minimind.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
-         "--max-batch", "32", "--max-len", "256", "--model-name", "bench"],
+         "--max-batch", "32", "--max-len", "256", "--model-name", "bench", "--dtype", "float32"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -292,6 +299,76 @@ def test_server_one_at_a_time(benchmark, server):
     benchmark.extra_info["tokens_per_s"] = RESULTS["one_at_a_time"]
 
 
+def _server_batch1(url, stream: bool):
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
+
+    def run():
+        kw = dict(model="bench", prompt=PROMPT, max_tokens=NEW, temperature=0, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+            return [0] * chunks[-1].usage.completion_tokens
+        return [0] * client.completions.create(**kw).usage.completion_tokens
+
+    return run
+
+
+def test_server_batch1_interleaved(server, decode_runners):
+    """One request at a time through `minimind serve` (its own process, --dtype float32 like the
+    engine here), streaming and not, taking turns with the engine alone and transformers."""
+    runs = {"engine_alone": decode_runners["engine_eager"], "server_plain": _server_batch1(server, False),
+            "server_stream": _server_batch1(server, True), "transformers": decode_runners["transformers"]}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        assert len(run()) == NEW  # warm-up
+    for _ in range(SERVE_ROUNDS):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        RESULTS[f"batch1_{name}"] = NEW / statistics.median(ts)
+    for name in ("server_plain", "server_stream"):  # pairwise: each server run against the engine's same round
+        RESULTS[f"batch1_{name}_vs_engine"] = statistics.median(
+            [e / s for e, s in zip(times["engine_alone"], times[name])])
+
+
+@pytest.fixture(scope="module")
+def compiled_engines(setup):
+    if SMOKE:
+        pytest.skip("compiling takes minutes; not in smoke mode")
+    model, tok, _ = setup
+    t0 = time.perf_counter()
+    compiled = Engine(model, tok, max_batch=1, max_len=1024, compile="always")
+    RESULTS["compile_warmup_s"] = time.perf_counter() - t0
+    print(f"\n{compiled.warmup_report}")
+    return {"eager": Engine(model, tok, max_batch=1, max_len=1024), "compiled": compiled,
+            "floor": _weights_floor(model)}
+
+
+@pytest.mark.parametrize("new", COMPILED_NEW)
+@pytest.mark.parametrize("prompt_len", COMPILED_PROMPTS)
+def test_compiled_decode_lengths(compiled_engines, prompt_len, new):
+    """tokens/s of the whole generate() (the prompt's prefill is eager in both) and of the products
+    floor (64 tokens' matrix-vector products), taking turns."""
+    prompt = [10 + i % 500 for i in range(prompt_len)]
+    sp = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    times: dict[str, list[float]] = {"eager": [], "compiled": [], "floor": []}
+    outs = {}
+    for _ in range(ROUNDS):
+        for name, engine in compiled_engines.items():
+            t0 = time.perf_counter()
+            out = engine() if name == "floor" else engine.generate([prompt], sp)[0].token_ids
+            times[name].append(time.perf_counter() - t0)
+            outs[name] = out
+    assert len(outs["compiled"]) == new and len(outs["eager"]) == new
+    key = f"p{prompt_len}_n{new}"
+    for name in ("eager", "compiled"):
+        RESULTS[f"decode_{name}_{key}"] = new / statistics.median(times[name])
+    floor = NEW / statistics.median(times["floor"])
+    RESULTS[f"compiled_vs_eager_{key}"] = statistics.median([e / c for e, c in zip(times["eager"], times["compiled"])])
+    RESULTS[f"compiled_vs_floor_{key}"] = RESULTS[f"decode_compiled_{key}"] / floor
+
+
 def test_zz_summary(capsys):
     """Ratios of the figures above, measured in this run."""
     lines = [f"{k}: {v:.3f}" for k, v in RESULTS.items()]
@@ -313,6 +390,13 @@ def test_zz_summary(capsys):
     for n in STREAMS:
         if seq and f"streams_{n}" in RESULTS:
             lines.append(f"{n} streams / one at a time: {RESULTS[f'streams_{n}'] / seq:.2f}x")
+    for name in ("server_plain", "server_stream"):
+        if f"batch1_{name}_vs_engine" in RESULTS:
+            ratio = RESULTS[f"batch1_{name}_vs_engine"]
+            lines.append(f"batch 1, {name} / engine alone (pairwise median): {ratio:.2f}x")
+    if RESULTS.get("batch1_transformers"):
+        lines.append(f"batch 1, engine alone / transformers: "
+                     f"{RESULTS['batch1_engine_alone'] / RESULTS['batch1_transformers']:.2f}x")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert RESULTS, "run the whole file: the summary needs the benchmarks above"

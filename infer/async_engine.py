@@ -2,7 +2,9 @@
 hands each request's deltas to the asyncio side through a per-job queue.
 
 HTTP handlers `submit()` a job (one or more sequences, e.g. `n=2`) and read `(index, Delta)` pairs
-from it. Model compute releases the GIL, so the event loop keeps serving while a step runs. A job
+from it. Model compute releases the GIL, so the event loop keeps serving while a step runs. A
+non-streaming job gets one delta per sequence, when it finishes: waking the event loop for every
+token costs a batch-1 request a core's worth of thread hand-offs on a small CPU (issue 19). A job
 whose reader goes away is aborted, which frees its cache rows at the next step. A sequence the
 engine failed (finish_reason "error") ends its job with `RequestFailed`; the loop goes on serving.
 
@@ -16,7 +18,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from infer.engine import Delta, Engine, Request
+import torch
+
+from infer.engine import Engine, Request
 from infer.sampling import SamplingParams
 
 
@@ -41,6 +45,7 @@ class Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (index, Delta | Exception)
     remaining: int = 0
     label: str = ""  # the HTTP response id, for the log
+    stream: bool = True  # False: only each sequence's final delta (all its text) is delivered
     submitted: float = field(default_factory=time.perf_counter)
 
     async def deltas(self):
@@ -55,8 +60,9 @@ class Job:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int = 256, log_interval: float = 10.0):
-        self.engine, self.max_queue, self.log_interval = engine, max_queue, log_interval
+    def __init__(self, engine: Engine, max_queue: int = 256, log_interval: float = 10.0, threads: int | None = None):
+        """`threads`: torch's thread count, set from the engine thread (None: leave it)."""
+        self.engine, self.max_queue, self.log_interval, self.threads = engine, max_queue, log_interval, threads
         self._jobs: dict[int, tuple[Job, int, asyncio.AbstractEventLoop]] = {}  # request id -> (job, index, loop)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -72,7 +78,7 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt: list[int], params: list[SamplingParams], label: str = "") -> Job:
+    def submit(self, prompt: list[int], params: list[SamplingParams], label: str = "", stream: bool = True) -> Job:
         """Queue len(params) sequences of one prompt; raises ValueError (bad request), QueueFull, EngineStopped."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
@@ -82,7 +88,7 @@ class AsyncEngine:
             waiting = len(self._jobs) - len(self.engine.running)
             if waiting + len(params) > self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (max queue {self.max_queue})")
-            job = Job(requests=[], remaining=len(params), label=label)
+            job = Job(requests=[], remaining=len(params), label=label, stream=stream)
             loop = asyncio.get_running_loop()
             for i, p in enumerate(params):
                 req = self.engine.add_request(prompt, p)
@@ -113,26 +119,25 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        generated, since = 0, time.perf_counter()  # tokens since the last throughput line
+        counted, since = self.engine.tokens_generated, time.perf_counter()  # for the throughput line
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             while not self._stopping:
                 if not self.engine.has_work():
                     self._wake.wait(0.5)
                     self._wake.clear()
-                    generated, since = 0, time.perf_counter()
+                    counted, since = self.engine.tokens_generated, time.perf_counter()
                     continue
                 ready: dict[asyncio.AbstractEventLoop, list] = {}
                 for req in self.engine.step():
-                    delta = self.engine.take_delta(req)
-                    if delta is not None:
-                        generated += len(delta.token_ids)
-                        self._route(req, delta, ready)
+                    self._route(req, ready)
                 for loop, items in ready.items():  # one wake-up of each event loop per step, not per delta
                     loop.call_soon_threadsafe(_put_all, items)
                 if (elapsed := time.perf_counter() - since) >= self.log_interval:
                     log.info("engine: %d running, %d waiting, generation %.1f tokens/s", len(self.engine.running),
-                             len(self.engine.waiting), generated / elapsed)
-                    generated, since = 0, time.perf_counter()
+                             len(self.engine.waiting), (self.engine.tokens_generated - counted) / elapsed)
+                    counted, since = self.engine.tokens_generated, time.perf_counter()
         except BaseException as e:  # a bug or OOM: fail every open job instead of hanging it
             self.error = e
             self._stopping = True
@@ -142,10 +147,13 @@ class AsyncEngine:
                 self._jobs.clear()
             raise
 
-    def _route(self, req: Request, delta: Delta, ready: dict) -> None:
+    def _route(self, req: Request, ready: dict) -> None:
         with self._lock:
             entry = self._jobs.get(req.id)
-            if entry is None:
+            if entry is None or (req.finish_reason is None and not entry[0].stream):
+                return
+            delta = self.engine.take_delta(req)
+            if delta is None:
                 return
             if delta.finish_reason is not None:
                 del self._jobs[req.id]

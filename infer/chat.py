@@ -122,12 +122,16 @@ def run(args) -> int:
 
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=args.device, max_batch=1,
-                                        max_len=args.max_len, compile=args.compile)
+                                        max_len=args.max_len, compile=args.compile,
+                                        dtype=getattr(args, "dtype", "auto"))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"minimind chat: {e}", file=sys.stderr)
         return 2
+    for line in (engine.dtype_report, engine.warmup_report):
+        if line:
+            print(line, file=sys.stderr, flush=True)
     try:
         repl(ChatSession(engine, params, system=args.system))
     except KeyboardInterrupt:

@@ -13,7 +13,10 @@ one bad request must not stop a server; `generate()` and `stream()` re-raise suc
 
 import collections
 import itertools
+import logging
 import random
+import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +25,8 @@ import torch
 from infer.detok import IncrementalDetokenizer, find_stop, holdback
 from infer.sampling import BatchParams, SamplingParams, logprobs_of, sample
 from minimind.model import KVCache
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 2048  # cache length when neither the caller nor a smaller model context says
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens per prefill forward: bounds its activation memory
@@ -81,17 +86,28 @@ class Request:
 
 class _CacheView:
     """Rows [start, start+B) of a KVCache, attending over the first `max_len` slots only: what the
-    model's forward sees. Slicing keeps attention at the batch's current length, not the cache's."""
+    model's forward sees. Slicing keeps attention at the batch's current length, not the cache's.
 
-    def __init__(self, k, v, start: int, rows: int, max_len: int):
+    Writes index the whole (L, N, Hk, S, Dh) cache tensors with tensor indices (layer, row, :, slot),
+    never a slice of them: under torch.compile a write into a view of a graph input is functionalized
+    into a copy of that whole view every step, a write into the input itself is done in place."""
+
+    def __init__(self, k, v, start: int, rows: int, max_len):
         self.k, self.v, self.start, self.rows, self.max_len = k, v, start, rows, max_len
 
     def update(self, layer: int, k, v, position_ids):
-        kc, vc = self.k[layer, self.start : self.start + self.rows], self.v[layer, self.start : self.start + self.rows]
-        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(position_ids)
-        kc[rows, :, position_ids] = k.to(kc.dtype)
-        vc[rows, :, position_ids] = v.to(vc.dtype)
-        return kc[:, :, : self.max_len], vc[:, :, : self.max_len]  # (B, Hk, S, Dh)
+        rows = torch.arange(self.start, self.start + k.shape[0], device=k.device).unsqueeze(1).expand_as(position_ids)
+        layers = torch.full_like(position_ids, layer)
+        # the aten op, not `self.k[layers, rows, :, position_ids] = k`: Python indexing of a CUDA tensor
+        # needs a real device, which fake CUDA tensors on a CPU-only torch lack (test_fake_cuda_engine.py)
+        index = [layers, rows, None, position_ids]
+        torch.ops.aten.index_put_(self.k, index, k.to(self.k.dtype))  # k: (B, T, Hk, Dh)
+        torch.ops.aten.index_put_(self.v, index, v.to(self.v.dtype))
+        return self._window(self.k, layer), self._window(self.v, layer)  # (B, Hk, S, Dh)
+
+    def _window(self, cache, layer: int):
+        # methods, not `cache[layer, a:b, :, :s]`: Python indexing of a CUDA tensor needs a real device
+        return cache.select(0, layer).narrow(0, self.start, self.rows).narrow(2, 0, self.max_len)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:
@@ -99,7 +115,12 @@ def _bucket(n: int, multiple: int, cap: int) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
+                 compile: bool | str = False):
+        """`compile`: True compiles the decode step and keeps it if a timed warm-up finds it faster
+        than eager here (`warmup_report` says); "always" keeps it regardless (tests, benchmarks)."""
+        if compile not in (False, True, "always"):
+            raise ValueError(f"compile must be False, True or 'always', got {compile!r}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
@@ -108,10 +129,10 @@ class Engine:
         # ids past the tokenizer's vocabulary (an embedding padded to 6400) can't be decoded: never sampled
         self.vocab_size = min(config.vocab_size, len(tokenizer))
         self.end_ids = frozenset(self._end_token_ids(tokenizer))
-        self.compile = compile
-        # on CUDA, "reduce-overhead" adds CUDA graphs: a decode step is many tiny kernels
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
-        self._decode_fn = torch.compile(self._forward_last, dynamic=False, mode=mode) if compile else self._forward_last
+        # the decode step compiled once, its sizes dynamic (rows and attended length): no recompilation
+        # after warm-up. No CUDA graphs ("reduce-overhead"): they would record one graph per length.
+        self.compile = bool(compile)
+        self._decode_fn = torch.compile(self._decode_graph) if compile else None
         self._ids = itertools.count()
         self._inbox: collections.deque = collections.deque()  # thread-safe appends/pops
         self.waiting: collections.deque[Request] = collections.deque()
@@ -119,17 +140,36 @@ class Engine:
         self._batch_params: BatchParams | None = None
         self._solo = 0  # admit this many waiting requests one per step: a failed step is finding its culprit
         self.cache = None
+        self.tokens_generated = 0  # sampled so far, all requests: the server's throughput line
+        self.dtype_report = f"dtype: {str(next(model.parameters()).dtype).removeprefix('torch.')}"
+        self.warmup_report: str | None = None  # compile=True: the warm-up's time and verdict
+        if compile:
+            self.warmup_report = self._warm_up(keep=compile == "always")
+            log.info(self.warmup_report)
 
     @classmethod
     def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
+        """`dtype`: a torch dtype, a name, "auto" (the fastest measured here: `infer.tuning`) or None
+        (as saved). The line saying which and why is `engine.dtype_report`."""
         from transformers import AutoTokenizer, PretrainedConfig
 
+        from infer.tuning import resolve_dtype
         from minimind.checkpoint import load_checkpoint, tokenizer_dir
 
-        model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, dtype=dtype, lora=lora)
+        model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, lora=lora)
         # an empty config: our config.json is not transformers' (it would warn about rope_scaling)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(ckpt_dir) or ckpt_dir, config=PretrainedConfig())
-        return cls(model, tokenizer, **kwargs)
+        report = None
+        if isinstance(dtype, str):
+            def make_engine(m, rows):
+                return cls(m, tokenizer, max_batch=rows, max_len=64)
+
+            dtype, report = resolve_dtype(model, make_engine, dtype, rows=min(kwargs.get("max_batch", 32), 16))
+        if dtype is not None:
+            model.to(dtype)
+        engine = cls(model, tokenizer, **kwargs)
+        engine.dtype_report = report or engine.dtype_report
+        return engine
 
     @staticmethod
     def _end_token_ids(tokenizer) -> list[int]:
@@ -237,9 +277,12 @@ class Engine:
     def _ensure_cache(self) -> None:
         p = next(self.model.parameters())
         if self.cache is None or self.cache.k.device != p.device or self.cache.k.dtype != p.dtype:
-            self.cache = KVCache(self.model.config, self.max_batch, self.max_len, device=p.device, dtype=p.dtype)
+            # one spare slot, never attended: a compiled decode's cache window [:length] is then never
+            # the whole tensor, which would be a shape of its own (a recompilation at length max_len)
+            self.cache = KVCache(self.model.config, self.max_batch, self.max_len + 1, device=p.device, dtype=p.dtype)
             self._counts = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.int32, device=p.device)
             self._seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=p.device)
+            self._slots = torch.arange(self.max_len, device=p.device)
 
     def _admit(self, n: int) -> list[Request]:
         admitted, longest = [], 0
@@ -252,21 +295,82 @@ class Engine:
         self._solo = max(0, self._solo - len(admitted))
         return admitted
 
+    def _warm_up(self, keep: bool, rounds: int = 5) -> str:
+        """Compile the decode step (one graph for one row, one for 2..max_batch rows), then time it
+        against eager decode at one row, alternating. If compiled is not faster on this device,
+        decode runs eager from now on. -> a line saying what was measured and chosen."""
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self._ensure_cache()
+                for rows in sorted({1, min(8, self.max_batch)}):
+                    _sync(self._decode_rows(rows, length=2, compiled=True))
+                compiled_s = time.perf_counter() - t0
+                times = {True: [], False: []}
+                for i in range(2 * rounds):
+                    compiled = i % 2 == 0
+                    t = time.perf_counter()
+                    _sync(self._decode_rows(1, length=min(64 + i, self.max_len), compiled=compiled))
+                    times[compiled].append(time.perf_counter() - t)
+        finally:
+            self.model.train(was_training)
+        fast, slow = statistics.median(times[True]), statistics.median(times[False])
+        self.compile = keep or fast < slow
+        verdict = "decode runs compiled" if self.compile else "compiled is not faster here: decode runs eager"
+        if keep and fast >= slow:
+            verdict = "decode runs compiled (as asked), though it is not faster here"
+        return (f"compile: warm-up {compiled_s:.1f} s; a one-row decode step {fast * 1e3:.1f} ms compiled, "
+                f"{slow * 1e3:.1f} ms eager (median of {rounds}); {verdict}")
+
+    def _decode_rows(self, rows: int, length: int, compiled: bool) -> torch.Tensor:
+        """A decode step of `rows` dummy rows attending `length` slots (warm-up only: the slots it
+        writes are overwritten by the next prefill before anything reads them)."""
+        device = self.cache.k.device
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        pos = torch.full((rows, 1), length - 1, dtype=torch.long, device=device)
+        if not compiled:
+            return self._forward_last(ids, pos, self.cache.k, self.cache.v, 0, length)
+        return self._compiled_decode(ids, pos, length)
+
     def _forward_last(self, input_ids, position_ids, k, v, start: int, max_len: int):
         view = _CacheView(k, v, start, input_ids.shape[0], max_len)
-        return self.model(input_ids, position_ids=position_ids, kv_cache=view).logits[:, -1, : self.vocab_size]
+        logits = self.model(input_ids, position_ids=position_ids, kv_cache=view).logits  # (B, T, V)
+        return logits.select(1, -1).narrow(1, 0, self.vocab_size)
+
+    def _decode_graph(self, input_ids, position_ids, k, v, slots):
+        """The compiled decode: rows 0..B-1, attending over len(slots) cache slots (a dynamic size)."""
+        return self._forward_last(input_ids, position_ids, k, v, 0, slots.shape[0])
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One token for each running row -> next-token logits (n, V)."""
         device = self.cache.k.device
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=device)  # (B, 1)
         pos = torch.tensor([[r.length - 1] for r in reqs], device=device)
-        length = max(r.length for r in reqs)
-        if self.compile:  # fixed shapes: one compiled graph per (batch, length) bucket
-            b = _bucket(len(reqs), 8 if len(reqs) > 4 else 1, self.max_batch)
-            ids, pos = _pad_rows(ids, b), _pad_rows(pos, b)
-            length = _bucket(length, 256, self.max_len)
-        return self._decode_fn(ids, pos, self.cache.k, self.cache.v, 0, length)[: len(reqs)]
+        return self.decode_logits(ids, pos, length=max(r.length for r in reqs))
+
+    # The device core: `prefill_logits`, `decode_logits`, `sample_tokens` take and return tensors on
+    # the model's device and never read one back. They index with methods (narrow, select, gather),
+    # not Python's `t[...]`, so that they also run on fake CUDA tensors (tests/test_fake_cuda_engine.py).
+
+    def decode_logits(self, ids, pos, length: int) -> torch.Tensor:
+        """The decode step on the device: each running row's last token `ids` (n, 1) at `pos` (n, 1),
+        attending its first `length` cache slots -> next-token logits (n, V)."""
+        if not self.compile:
+            return self._forward_last(ids, pos, self.cache.k, self.cache.v, 0, length)
+        b = _bucket(ids.shape[0], 8 if ids.shape[0] > 4 else 1, self.max_batch)
+        return self._compiled_decode(_pad_rows(ids, b), _pad_rows(pos, b), length).narrow(0, 0, ids.shape[0])
+
+    def _compiled_decode(self, ids, pos, length: int) -> torch.Tensor:
+        # dynamic sizes, never 0 or 1 (those are specialized): the attended length is >= 2 (a prompt
+        # token and a generated one); one row has a graph of its own, 2..max_batch rows share one
+        slots = self._slots[:length]
+        torch._dynamo.mark_dynamic(slots, 0, min=2, max=self.max_len)
+        if ids.shape[0] > 1:
+            torch._dynamo.mark_dynamic(ids, 0, min=2, max=self.max_batch)
+            torch._dynamo.mark_dynamic(pos, 0, min=2, max=self.max_batch)
+        return self._decode_fn(ids, pos, self.cache.k, self.cache.v, slots)
 
     def _prefill(self, reqs: list[Request], start: int) -> torch.Tensor:
         """Prompts into rows start..start+m-1 (right-padded; padding writes slots later decode
@@ -274,20 +378,30 @@ class Engine:
         device = self.cache.k.device
         t = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=device)  # (B, T)
-        pos = torch.arange(t, device=device).unsqueeze(0).expand(len(reqs), t)
-        view = _CacheView(self.cache.k, self.cache.v, start, len(reqs), t)
-        hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)
-        logits = self.model.lm_head(hidden[torch.arange(len(reqs), device=device), last])[:, : self.vocab_size]
-        rows = slice(start, start + len(reqs))
-        self._counts[rows] = 0
-        self._seen[rows] = False
-        self._seen[rows].scatter_(1, ids, True)
-        self._seen[rows, 0] = torch.tensor([0 in r.prompt for r in reqs], device=device)  # undo the padding id
+        has_zero = torch.tensor([0 in r.prompt for r in reqs], device=device)
+        logits, hidden = self.prefill_logits(ids, last, has_zero, start=start)
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
                 r.prompt_logprobs = self._prompt_logprobs(hidden[i, : len(r.prompt)], r)
         return logits
+
+    def prefill_logits(self, ids, last, has_zero, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill on the device: right-padded prompts `ids` (B, T) into cache rows start..start+B-1,
+        `last` (B,) each prompt's last index, `has_zero` (B,) whether it holds token id 0 (the padding id)
+        -> (last-token logits (B, V), hidden states (B, T, D)); resets the rows' penalty counts."""
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+        view = _CacheView(self.cache.k, self.cache.v, start, b, t)
+        hidden = self.model(ids, position_ids=pos, kv_cache=view, return_hidden=True).hidden  # (B, T, D)
+        at_last = hidden.gather(1, last.view(b, 1, 1).expand(b, 1, hidden.shape[-1])).squeeze(1)  # (B, D)
+        logits = self.model.lm_head(at_last).narrow(1, 0, self.vocab_size)
+        self._counts.narrow(0, start, b).zero_()
+        seen = self._seen.narrow(0, start, b)
+        seen.zero_()
+        seen.scatter_(1, ids, True)
+        seen.scatter_(1, torch.zeros_like(last).unsqueeze(1), has_zero.unsqueeze(1))  # undo the padding id
+        return logits, hidden
 
     def _prompt_logprobs(self, hidden, req: Request) -> list:
         """Scoring (echo + logprobs): the logprob of each prompt token given the ones before it."""
@@ -301,6 +415,16 @@ class Engine:
             out.append((lp, dict(zip(top_ids[j], top_vals[j])) if top is not None else {}))
         return out
 
+    def sample_tokens(self, logits, steps) -> torch.Tensor:
+        """Sampling on the device: logits (n, V) of rows 0..n-1 and each row's output index `steps`
+        (n,) -> token ids (n,), counted into the rows' penalty state."""
+        n = logits.shape[0]
+        counts, seen = self._counts.narrow(0, 0, n), self._seen.narrow(0, 0, n)
+        tokens = sample(logits, self._batch_params, steps, counts, seen)
+        counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+        seen.scatter_(1, tokens.unsqueeze(1), True)
+        return tokens
+
     def _sample_and_append(self, logits) -> list[Request]:
         reqs = list(self.running)
         device = logits.device
@@ -308,7 +432,8 @@ class Engine:
             self._batch_params = BatchParams.build([r.params for r in reqs], [r.seed for r in reqs], device)
         steps = torch.tensor([len(r.output) for r in reqs], device=device)
         n = len(reqs)
-        tokens = sample(logits, self._batch_params, steps, self._counts[:n], self._seen[:n])
+        tokens = self.sample_tokens(logits, steps)
+        self.tokens_generated += n
         k = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
         packed = [tokens.to(torch.float64)]
         if k is not None:
@@ -316,8 +441,6 @@ class Engine:
             packed.append(chosen.to(torch.float64))
             if top is not None:
                 packed += [top.values.to(torch.float64).T.reshape(-1), top.indices.to(torch.float64).T.reshape(-1)]
-        self._counts[:n].scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
-        self._seen[:n].scatter_(1, tokens.unsqueeze(1), True)
         host = torch.cat(packed).tolist()  # the step's one device->host transfer
         finished = []
         for i, req in enumerate(reqs):
@@ -423,6 +546,11 @@ class Engine:
                 self.abort(req)
                 self._drain_inbox()
             self.model.train(was_training)
+
+
+def _sync(x: torch.Tensor) -> None:
+    """Wait for the device (warm-up timing only): reading one value waits for everything before it."""
+    x.reshape(-1)[:1].cpu()
 
 
 def _pad_rows(x, rows: int):

@@ -138,7 +138,7 @@ def top_k_top_p_mask(logits, top_k, top_p):
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
     drop = (ranks >= k) | (before >= top_p.unsqueeze(1))
-    drop[:, 0] = False  # the most likely token always stays
+    drop.select(1, 0).fill_(False)  # the most likely token always stays
     drop = drop.scatter(1, order, drop)  # back to vocab order
     return logits.masked_fill(drop, float("-inf"))
 

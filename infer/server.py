@@ -34,6 +34,7 @@ from infer.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFai
 from infer.engine import ContextLengthError, Delta, Engine
 from infer.protocol import ChatRequest, CompletionRequest
 from infer.think import ThinkSplitter, split_reasoning
+from infer.tuning import engine_threads, usable_cores
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 HEADER_TIMEOUT = 10.0  # seconds for a connection to send a whole request head
@@ -73,16 +74,21 @@ def run_name(ckpt) -> str:
 
 def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_chars: int | None = None,
-               log_interval: float = 10.0) -> FastAPI:
+               log_interval: float = 10.0, threads: int | None = None) -> FastAPI:
     """`max_prompt_chars`: longer prompts are refused before tokenizing (default: the most characters
-    that could fit the context). `log_interval`: seconds between throughput lines under load."""
-    loop_engine = AsyncEngine(engine, max_queue=max_queue, log_interval=log_interval)
+    that could fit the context). `log_interval`: seconds between throughput lines under load.
+    `threads`: torch threads, set from the engine thread when it starts (default: left as they are;
+    `minimind serve` passes `infer.tuning.engine_threads`)."""
+    loop_engine = AsyncEngine(engine, max_queue=max_queue, log_interval=log_interval, threads=threads)
     expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
-        log.info(_layout(engine))
         loop_engine.start()
+        for line in (_layout(engine, threads or torch.get_num_threads()), engine.dtype_report,
+                     engine.warmup_report):
+            if line:
+                log.info(line)
         yield
         await asyncio.to_thread(loop_engine.stop)
 
@@ -192,9 +198,9 @@ class _Handlers:
                                 f"{prompt_len}{asked}", param="messages", code="context_length_exceeded")
         return room if requested is None else requested
 
-    def _submit(self, prompt: list[int], params, label: str):
+    def _submit(self, prompt: list[int], params, label: str, stream: bool):
         try:
-            return self.loop.submit(prompt, params, label)
+            return self.loop.submit(prompt, params, label, stream=stream)
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
@@ -223,7 +229,7 @@ class _Handlers:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens", code="invalid_value")
         params = [req.sampling(max_new, req.logprob_k, index=i) for i in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        job = self._submit(prompt, params, rid)
+        job = self._submit(prompt, params, rid, req.stream)
         if req.stream:
             return _sse(self._chat_stream(req, job, rid, created, len(prompt)), job, self.loop)
         outs = await _collect(job, self.loop, request)
@@ -290,7 +296,7 @@ class _Handlers:
                 max_new = self._max_new(req.max_tokens, len(prompt))
                 params = [req.sampling(max_new, req.logprobs, req.logprobs if wants_scores else None, index=i)
                           for i in range(req.n)]
-                jobs.append((prompt, self._submit(prompt, params, rid)))
+                jobs.append((prompt, self._submit(prompt, params, rid, req.stream)))
         except APIError:
             for _, job in jobs:
                 self.loop.cancel(job)
@@ -362,11 +368,12 @@ def _longest_token_bytes(tokenizer) -> int:
     return max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))
 
 
-def _layout(engine: Engine) -> str:
+def _layout(engine: Engine, threads: int) -> str:
     p = next(engine.model.parameters())
     return (f"engine: device {p.device}, dtype {str(p.dtype).removeprefix('torch.')}, max batch {engine.max_batch}, "
-            f"context {engine.max_len} tokens, compile {'on' if engine.compile else 'off'}; one engine thread "
-            f"(torch threads {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}), one event loop")
+            f"context {engine.max_len} tokens, compiled decode {'on' if engine.compile else 'off'}; one engine "
+            f"thread (torch threads {threads} of {usable_cores()} cores, inter-op {torch.get_num_interop_threads()}), "
+            f"one event loop (HTTP, tokenizing, streaming)")
 
 
 def _reason(reason: str | None) -> str | None:
@@ -522,13 +529,14 @@ def run(args) -> int:
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
                                         max_batch=args.max_batch, max_len=getattr(args, "max_len", None),
-                                        compile=getattr(args, "compile", False))
+                                        compile=getattr(args, "compile", False), dtype=getattr(args, "dtype", "auto"))
     except (CheckpointError, OSError, ValueError) as e:
         sock.close()
         print(f"minimind serve: {e}", file=sys.stderr)
         return 2
     name = args.model_name or run_name(args.ckpt)
-    app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                     threads=getattr(args, "threads", None) or engine_threads(next(engine.model.parameters()).device))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, timeout_graceful_shutdown=10,
                                            header_timeout=getattr(args, "header_timeout", HEADER_TIMEOUT)))

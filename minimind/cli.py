@@ -170,7 +170,10 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
 def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--max-len", type=positive_int, metavar="N", help="KV-cache length (default min(context, 2048))")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (kept only if it beats eager on a timed warm-up)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="weights and KV cache; auto: the fastest decode on this device, timed at start")
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=positive_int, default=256)
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a whole request head in this time")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="torch threads of the engine thread (default: on a CPU of up to 8 cores, one fewer "
+                        "than its cores: the event loop keeps one)")
     _engine_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate a model")

@@ -262,7 +262,7 @@ def test_serve_on_a_busy_port_exits_nonzero_naming_it(wide_ckpt):
 
 def test_serve_logs_its_layout_and_each_request(wide_ckpt):
     port = free_port()
-    proc = _serve("--ckpt", wide_ckpt, "--port", port, "--max-len", 64)
+    proc = _serve("--ckpt", wide_ckpt, "--port", port, "--max-len", 64, "--threads", 1)
     try:
         url = wait_healthy(port)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
@@ -273,7 +273,10 @@ def test_serve_logs_its_layout_and_each_request(wide_ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "engine: device cpu, dtype float32, max batch 32, context 64 tokens" in out and "torch threads" in out
+    assert "engine: device cpu, dtype " in out and ", max batch 32, context 64 tokens" in out
+    assert "(torch threads 1 of " in out
+    # --dtype auto (the default): the chosen dtype and the timings it was chosen by
+    assert "dtype: float32, the fastest here" in out or "dtype: bfloat16, the fastest here" in out
     line = next(x for x in out.splitlines() if r.id in x)
     assert f"prompt {r.usage.prompt_tokens} tokens, completion 3 tokens" in line and "tokens/s" in line, line
 
