@@ -3,7 +3,7 @@
 #     bash bench/gpu.sh [OUT_DIR]        # default: $OUT, else /tmp/minimind-gpu
 # Parts, in this order, each under its own time limit and each writing its results the moment it ends
 # (a part that hangs, as pytest once did at exit, loses nothing already written):
-#   1 gpu_tests  tests that need CUDA (kernels on the card, the model, every op provider)      90 s
+#   1 gpu_tests  tests that need CUDA (kernels, the model, op providers, decode CUDA graphs)    90 s
 #   2 stages     every stage, resume, fp16, --compile, torchrun, no host syncs in the step,
 #                then serve/chat/eval/export from the CUDA run (bench/gpu_stages.sh)          170 s
 #   3 steps      training-step figures (each model x kernel provider)                          75 s
@@ -63,7 +63,7 @@ cat "$OUT_DIR/env.txt"
 
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 # shellcheck disable=SC2086
-part gpu_tests 90 $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_gpu.py \
+part gpu_tests 90 $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_gpu.py tests/test_engine_graphs.py \
     >"$OUT_DIR/gpu_tests.log" 2>&1
 tail -3 "$OUT_DIR/gpu_tests.log"
 

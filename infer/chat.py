@@ -129,7 +129,7 @@ def run(args) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         print(f"minimind chat: {e}", file=sys.stderr)
         return 2
-    for line in (engine.dtype_report, engine.warmup_report):
+    for line in (engine.dtype_report, engine.warmup_report, engine.graphs_report):
         if line:
             print(line, file=sys.stderr, flush=True)
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infer.detok import IncrementalDetokenizer, find_stop, holdback
+from infer.graphs import GraphedDecode
 from infer.sampling import BatchParams, SamplingParams, logprobs_of, sample
 from minimind.model import KVCache
 
@@ -116,11 +117,22 @@ def _bucket(n: int, multiple: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, cuda_graphs: bool | str | None = None):
         """`compile`: True compiles the decode step and keeps it if a timed warm-up finds it faster
-        than eager here (`warmup_report` says); "always" keeps it regardless (tests, benchmarks)."""
+        than eager here (`warmup_report` says); "always" keeps it regardless (tests, benchmarks).
+        `cuda_graphs` (infer/graphs.py): replay each batch bucket's decode step from a CUDA graph
+        captured here; None: on CUDA unless compiling; "static": the same static-shape steps without
+        capture (the CPU tests). The model's weights must stay where they are (updated in place is
+        fine: a graph reads them by address), so a trainer's rollout engine passes False."""
         if compile not in (False, True, "always"):
             raise ValueError(f"compile must be False, True or 'always', got {compile!r}")
+        on_cuda = next(model.parameters()).is_cuda
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and not compile
+        if cuda_graphs and compile:
+            raise ValueError("compile and cuda_graphs are two ways to speed up decode: choose one")
+        if cuda_graphs is True and not on_cuda:
+            raise ValueError("cuda_graphs needs a model on a CUDA device (\"static\" runs their shapes anywhere)")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
@@ -146,6 +158,15 @@ class Engine:
         if compile:
             self.warmup_report = self._warm_up(keep=compile == "always")
             log.info(self.warmup_report)
+        self.graphs: GraphedDecode | None = None
+        self.graphs_report: str | None = None  # cuda_graphs: what was captured, in how long
+        if cuda_graphs:
+            with torch.no_grad():
+                self._ensure_cache()
+                graphs = GraphedDecode(self, capture=cuda_graphs is True)
+                self.graphs_report = graphs.capture()
+            self.graphs = graphs if graphs.graphs else None
+            log.info(self.graphs_report)
 
     @classmethod
     def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
@@ -162,7 +183,7 @@ class Engine:
         report = None
         if isinstance(dtype, str):
             def make_engine(m, rows):
-                return cls(m, tokenizer, max_batch=rows, max_len=64)
+                return cls(m, tokenizer, max_batch=rows, max_len=64, cuda_graphs=False)  # timing eager steps
 
             dtype, report = resolve_dtype(model, make_engine, dtype, rows=min(kwargs.get("max_batch", 32), 16))
         if dtype is not None:
@@ -283,6 +304,9 @@ class Engine:
             self._counts = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.int32, device=p.device)
             self._seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=p.device)
             self._slots = torch.arange(self.max_len, device=p.device)
+            if getattr(self, "graphs", None) is not None:  # they read the old cache: decode without them
+                self.graphs, self.graphs_report = None, "CUDA graphs: dropped (the model moved or changed dtype)"
+                log.info(self.graphs_report)
 
     def _admit(self, n: int) -> list[Request]:
         admitted, longest = [], 0
@@ -357,6 +381,8 @@ class Engine:
     def decode_logits(self, ids, pos, length: int) -> torch.Tensor:
         """The decode step on the device: each running row's last token `ids` (n, 1) at `pos` (n, 1),
         attending its first `length` cache slots -> next-token logits (n, V)."""
+        if self.graphs is not None and self.graphs.bucket(ids.shape[0]) is not None:
+            return self.graphs(ids, pos)
         if not self.compile:
             return self._forward_last(ids, pos, self.cache.k, self.cache.v, 0, length)
         b = _bucket(ids.shape[0], 8 if ids.shape[0] > 4 else 1, self.max_batch)

@@ -86,7 +86,7 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
     async def lifespan(app):
         loop_engine.start()
         for line in (_layout(engine, threads or torch.get_num_threads()), engine.dtype_report,
-                     engine.warmup_report):
+                     engine.warmup_report, engine.graphs_report):
             if line:
                 log.info(line)
         yield

@@ -62,7 +62,8 @@ class GRPOSetup(Setup):
 
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         group = self.cfg.group_size
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg.batch_size * group)
+        # no CUDA graphs: the policy trains between rollouts (dropout, and DeepSpeed may re-point weights)
+        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg.batch_size * group, cuda_graphs=False)
         self.rollouts = 0
         return GRPO(beta=self.cfg.beta if self.cfg.beta is not None else 0.04)
 

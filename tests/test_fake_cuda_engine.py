@@ -9,7 +9,11 @@ What cannot run here, and why:
   real CUDA device even under fake mode on a CPU-only torch;
 - `BatchParams.build` (the same), so the sampling parameters are made here with `torch.full`;
 - the step's one device-to-host read (`.tolist()` of the sampled ids): fake tensors have no values;
-- the compiled decode: inductor cannot generate CUDA code without a CUDA toolchain and device.
+- the compiled decode: inductor cannot generate CUDA code without a CUDA toolchain and device;
+- the CUDA-graph decode (infer/graphs.py, the default on CUDA): capture needs a real device, and its
+  replay copies into slices of static buffers (in-place writes into views fail under fake mode on a
+  CPU-only torch); its static-shape step is checked against the engine's on the CPU in
+  tests/test_engine_graphs.py, and the capture on a GPU by bench/gpu.sh.
 """
 
 import pytest
@@ -39,7 +43,7 @@ def params(rows: int, sampled: bool) -> BatchParams:
 @pytest.mark.parametrize("sampled", [False, True])
 def test_prefill_decode_and_sampling_stay_on_cuda(tokenizer, sampled):
     with FakeTensorMode(allow_non_fake_inputs=False):
-        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=4, max_len=32)
+        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=4, max_len=32, cuda_graphs=False)
         with torch.no_grad():
             engine._ensure_cache()
             assert engine.cache.k.device.type == "cuda" and engine._counts.device.type == "cuda"
@@ -61,7 +65,7 @@ def test_prefill_decode_and_sampling_stay_on_cuda(tokenizer, sampled):
 
 def test_a_cpu_tensor_in_the_core_is_caught(tokenizer):
     with FakeTensorMode(allow_non_fake_inputs=True):
-        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=2, max_len=32)
+        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=2, max_len=32, cuda_graphs=False)
         with torch.no_grad():
             engine._ensure_cache()
             with pytest.raises(Exception, match="found at least two devices"):
