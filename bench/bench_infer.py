@@ -121,8 +121,10 @@ def _unpacked(provider: str):
     return mock.patch.object(linear, "PACKED_MAX_ROWS", 0) if provider.endswith("unpacked") else nullcontext()
 
 
-DECODE_PROVIDERS = ["engine_eager", "engine_eager_unpacked", "engine_compiled", "transformers", "weights_floor",
-                    "weights_read"]
+DECODE_PROVIDERS = ["engine_eager", "engine_eager_unpacked", "engine_compiled", "engine_graphs", "transformers",
+                    "weights_floor", "weights_read"]
+if os.environ.get("MINIMIND_BENCH_DECODE"):  # e.g. bench/gpu.sh: the providers its time limit allows
+    DECODE_PROVIDERS = os.environ["MINIMIND_BENCH_DECODE"].split(",")
 
 
 def _decode_runner(model, tok, provider):
@@ -140,7 +142,8 @@ def _decode_runner(model, tok, provider):
             return out[0, len(PROMPT):].tolist()
     else:
         compile = "always" if provider == "engine_compiled" else False  # the compiled figure even where it loses
-        engine = Engine(model, tok, max_batch=1, max_len=256, compile=compile)
+        graphs = None if provider == "engine_graphs" else False  # captured on CUDA (their default there)
+        engine = Engine(model, tok, max_batch=1, max_len=256, compile=compile, cuda_graphs=graphs)
         sp = SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
 
         def run():
@@ -153,13 +156,17 @@ def _decode_runner(model, tok, provider):
 @pytest.fixture(scope="module")
 def decode_runners(setup):
     model, tok, _ = setup
-    return {p: _decode_runner(model, tok, p) for p in DECODE_PROVIDERS if not (SMOKE and p == "engine_compiled")}
+    skip = {"engine_compiled"} if SMOKE else set()
+    if not torch.cuda.is_available():
+        skip.add("engine_graphs")  # CUDA graphs need CUDA
+    return {p: _decode_runner(model, tok, p) for p in DECODE_PROVIDERS if p not in skip}
 
 
 @pytest.mark.parametrize("provider", DECODE_PROVIDERS)
 def test_decode_batch1(benchmark, decode_runners, provider):
     if provider not in decode_runners:
-        pytest.skip("compiling takes minutes; not in smoke mode")
+        pytest.skip("CUDA graphs need CUDA" if provider == "engine_graphs"
+                    else "compiling takes minutes; not in smoke mode")
     run, times = decode_runners[provider], []
 
     def timed():

@@ -7,9 +7,9 @@
 #   2 stages     every stage, resume, fp16, --compile, torchrun, no host syncs in the step,
 #                then serve/chat/eval/export from the CUDA run (bench/gpu_stages.sh)          170 s
 #   3 steps      training-step figures (each model x kernel provider)                          75 s
-#   4 decode     decode batch 1 (needs the serving deps: fastapi, openai; skipped otherwise)   35 s
+#   4 decode     decode batch 1: eager, CUDA graphs, transformers' generate(), the weights floor   45 s
 #   5 kernels    kernel benchmarks (fwd_bwd, presets small and base, every provider)           50 s
-# (420 s of limits, plus up to 10 s each to kill a part that ignores its limit)
+# (430 s of limits, plus up to 10 s each to kill a part that ignores its limit)
 # then summary.md, one table of what ran. Files in OUT_DIR (8 at most): env.txt, gpu_tests.log,
 # stages.log, steps.jsonl, decode.jsonl, kernels.jsonl, parts.log, summary.md.
 # On a machine without CUDA it says which parts it skipped and exits 0 in seconds.
@@ -74,7 +74,8 @@ part steps 75 $PY -m pytest -q -p no:cacheprovider bench/bench_kernels.py -k tra
 
 if $PY -c "import fastapi, openai, uvicorn" 2>/dev/null; then
     export MINIMIND_BENCH_STREAM="$OUT_DIR/decode.jsonl"
-    part decode 35 $PY -m pytest -q -p no:cacheprovider bench/bench_infer.py -k "decode_batch1 and not interleaved"
+    export MINIMIND_BENCH_DECODE=engine_eager,engine_graphs,transformers,weights_floor  # no compile: its warm-up
+    part decode 45 $PY -m pytest -q -p no:cacheprovider bench/bench_infer.py -k "decode_batch1 and not interleaved"
 else
     skip decode "fastapi/openai/uvicorn not installed (carry them in .whl/)"
 fi
