@@ -179,15 +179,21 @@ def test_decode_batch1(benchmark, decode_runners, provider):
     benchmark.extra_info["tokens_per_s"] = RESULTS[f"decode_{provider}"]
 
 
+def _take_turns(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Each run once per round, in turn: seconds per call, by name (a drifting machine hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def test_decode_batch1_interleaved(decode_runners):
     """The same providers taking turns, one generation each per round: this machine's speed drifts by
     tens of percent within a minute, which the back-to-back rounds above fold into the ratios."""
-    times: dict[str, list[float]] = {p: [] for p in decode_runners}
-    for _ in range(ROUNDS + 2):
-        for provider, run in decode_runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[provider].append(time.perf_counter() - t0)
+    times = _take_turns(decode_runners, ROUNDS + 2)
     for provider, ts in times.items():
         RESULTS[f"interleaved_{provider}"] = NEW / statistics.median(ts)
 
@@ -324,14 +330,9 @@ def test_server_batch1_interleaved(server, decode_runners):
     engine here), streaming and not, taking turns with the engine alone and transformers."""
     runs = {"engine_alone": decode_runners["engine_eager"], "server_plain": _server_batch1(server, False),
             "server_stream": _server_batch1(server, True), "transformers": decode_runners["transformers"]}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         assert len(run()) == NEW  # warm-up
-    for _ in range(SERVE_ROUNDS):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+    times = _take_turns(runs, SERVE_ROUNDS)
     for name, ts in times.items():
         RESULTS[f"batch1_{name}"] = NEW / statistics.median(ts)
     for name in ("server_plain", "server_stream"):  # pairwise: each server run against the engine's same round

@@ -229,12 +229,22 @@ def test_train_step(benchmark, model, kernels_name):
     b, t = STEP_B, STEP_T
     ids = torch.randint(0, config.vocab_size, (b, t + 1), device=DEVICE)
 
+    def loss():
+        out = net(ids[:, :-1], return_hidden=True)
+        hidden = out.hidden.reshape(b * t, -1)
+        ce = net.ops.fused_linear_cross_entropy(hidden, net.lm_head.weight, ids[:, 1:].reshape(-1), reduction="sum")
+        return ce / (b * t) + out.aux_loss
+
+    _time_train_step(benchmark, loss, opt, b * t, model=model, kernels=kernels_name, batch=f"{b}x{t}",
+                     params_active=net.num_params(active=True))
+
+
+def _time_train_step(benchmark, loss_fn, opt, tokens: int, **info):
+    """Times forward (bf16 autocast on CUDA), backward and the optimizer step; records tokens/s and `info`."""
+
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
-            out = net(ids[:, :-1], return_hidden=True)
-            hidden = out.hidden.reshape(b * t, -1)
-            ce = net.ops.fused_linear_cross_entropy(hidden, net.lm_head.weight, ids[:, 1:].reshape(-1), reduction="sum")
-            loss = ce / (b * t) + out.aux_loss
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -243,10 +253,7 @@ def test_train_step(benchmark, model, kernels_name):
     step()
     benchmark.pedantic(step, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
     if benchmark.stats:
-        benchmark.extra_info.update(
-            model=model, kernels=kernels_name, batch=f"{b}x{t}", params_active=net.num_params(active=True),
-            tokens_per_s=round(b * t / benchmark.stats.stats.mean),
-        )
+        benchmark.extra_info.update(**info, tokens_per_s=round(tokens / benchmark.stats.stats.mean))
 
 
 def test_train_step_transformers(benchmark):
@@ -268,17 +275,5 @@ def test_train_step_transformers(benchmark):
     b, t = STEP_B, STEP_T
     ids = torch.randint(0, c.vocab_size, (b, t), device=DEVICE)
 
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
-            loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync()
-
-    step()
-    benchmark.pedantic(step, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
-    if benchmark.stats:
-        benchmark.extra_info.update(model="small", kernels="transformers", batch=f"{b}x{t}",
-                                    params_active=sum(p.numel() for p in net.parameters()),
-                                    tokens_per_s=round(b * t / benchmark.stats.stats.mean))
+    _time_train_step(benchmark, lambda: net(input_ids=ids, labels=ids).loss, opt, b * t, model="small",
+                     kernels="transformers", batch=f"{b}x{t}", params_active=sum(p.numel() for p in net.parameters()))

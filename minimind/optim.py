@@ -112,7 +112,6 @@ class Optimizers:
     def __init__(self, **optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
         self.param_groups = [g for o in optimizers.values() for g in o.param_groups]
-        self.state = {p: s for o in optimizers.values() for p, s in o.state.items()}
 
     def step(self, closure=None):
         for o in self.optimizers.values():
