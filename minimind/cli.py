@@ -37,6 +37,14 @@ def existing_path(value: str) -> Path:
     return path
 
 
+def _betas(value: str) -> tuple[float, float]:
+    try:
+        b1, b2 = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2 (e.g. 0.9,0.95), got {value!r}") from None
+    return b1, b2
+
+
 def positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -114,10 +122,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=KERNELS)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-packing", action="store_true",
-                   help="chat stages: one sample per row padded to --seq-len (MiniMind's layout) instead of packing")
-    p.add_argument("--doc-mask", action="store_true",
+                   help="one sample (pretrain: document) per row padded to --seq-len, MiniMind's layout, instead of "
+                        "packing")
+    p.add_argument("--adam-betas", type=_betas, metavar="B1,B2", help="AdamW's betas")
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction,
                    help="pretrain: each token attends only to its own document and positions restart after each "
-                        "<|endoftext|> (packed chat rows always work this way)")
+                        "document's end token (packed chat rows always work this way)")
     p.add_argument("--save-every", type=positive_int, metavar="N")
     p.add_argument("--keep", type=positive_int, metavar="N")
     p.add_argument("--log-every", type=positive_int, metavar="N")
@@ -208,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
     p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
+    p.add_argument("--doc-format", choices=("eos", "minimind"), default="eos",
+                   help="pretrain: a document's tokens: 'eos' = text <|endoftext|>, 'minimind' = <|im_start|> text "
+                        "<|im_end|> (MiniMind2's pretrain layout)")
 
     p = sub.add_parser("train", help="train a model (same as train.py)")
     add_train_arguments(p)

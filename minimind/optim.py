@@ -131,16 +131,17 @@ class Optimizers:
             o.load_state_dict(state[name])
 
 
-def build_optimizer(model, name: str, *, lr: float, weight_decay: float, device: torch.device):
+def build_optimizer(model, name: str, *, lr: float, weight_decay: float, device: torch.device,
+                    betas: tuple[float, float] = (0.9, 0.95)):
     """`--optim adamw`: fused AdamW over every trainable parameter. `--optim muon`: Muon on the hidden
     matrices, fused AdamW on the rest; both at the same lr and weight decay (see the module docstring)."""
     fused = device.type in ("cuda", "cpu")
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=fused)
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
     if name != "muon":
         raise ValueError(f"--optim must be adamw or muon, got {name!r}")
     hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
     chosen = {id(p) for p in hidden}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in param_groups(model, weight_decay)]
-    adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=(0.9, 0.95), fused=fused)
+    adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=tuple(betas), fused=fused)
     return Optimizers(adamw=adamw, muon=Muon(hidden, lr=lr, weight_decay=weight_decay))

@@ -41,6 +41,13 @@ class Stage:
     adapters: bool = False  # trains LoRA adapters only and saves just them (a LoRA checkpoint)
     rollouts: bool = False  # batches are sampled from the policy (GRPO), not read from data
     packs_documents: bool = False  # pretrain rows are windows over one token stream
+    optim: str = "adamw"
+    doc_mask: bool = False  # pretrain: attention within each document (trainconfig.doc_mask)
+    cpu: tuple = ()  # (field, value) pairs that replace the above when the run is on the CPU
+
+    def default(self, name: str, on_cpu: bool):
+        """The stage's default for TrainConfig field `name` (trainconfig.STAGE_FIELDS) on this device."""
+        return dict(self.cpu).get(name, getattr(self, name)) if on_cpu else getattr(self, name)
 
 
 STAGES = {s.name: s for s in (

@@ -129,7 +129,8 @@ class Trainer:
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
         self.optimizer = build_optimizer(self.model, self.cfg.optim, lr=self.cfg.lr,
-                                         weight_decay=self.cfg.weight_decay, device=self.device)
+                                         weight_decay=self.cfg.weight_decay, device=self.device,
+                                         betas=self.cfg.adam_betas)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
         self._tokens = self._useful = 0  # this rank's counts since the last _count_tokens()
@@ -237,6 +238,9 @@ class Trainer:
             self._undo_if_fresh()
             raise
 
+    def _doc_masks(self) -> bool:
+        return bool(self.cfg.doc_mask) and STAGES[self.stage].packs_documents and not self.cfg.no_packing
+
     def _fit(self) -> int:
         cfg = self.cfg
         self._install_signal_handlers()
@@ -248,7 +252,11 @@ class Trainer:
                                           f"--max-tokens {cfg.max_tokens}" if cfg.max_tokens else "") if b)
         self.log.message(f"training steps {self.step + 1}..{self.total_steps}"
                          + (" (estimated)" if cfg.max_time and not (cfg.max_steps or cfg.epochs) else "")
-                         + f" ({tokens} tokens each), lr schedule {cfg.schedule}"
+                         + f" ({cfg.batch_size} x {cfg.seq_len}"
+                         + (f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else "")
+                         + f" = {tokens} tokens each), {cfg.optim} at lr {cfg.lr:g}"
+                         + (", document masks" if self._doc_masks() else "")
+                         + f", lr schedule {cfg.schedule}"
                          + (f" sized to the budget {budget}" if budget else "")
                          + f"; the first log line comes after step {first}"
                          + ("; the first steps compile" if cfg.compile else ""))

@@ -47,7 +47,8 @@ class TrainConfig:
     warmup_steps: int | None = STAGE_DEFAULT
     weight_decay: float | None = STAGE_DEFAULT
     grad_clip: float = 1.0
-    optim: str = "adamw"  # or "muon" (minimind/optim.py): not the default until it wins on held-out loss per hour
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW's (beta1, beta2); torch's default is (0.9, 0.999)
+    optim: str | None = STAGE_DEFAULT  # "adamw" or "muon" (minimind/optim.py); adamw with --deepspeed
     dtype: str | None = None  # bf16 on CUDA where supported, else fp32
     device: str = "auto"
     compile: bool = False
@@ -55,7 +56,7 @@ class TrainConfig:
     kernels: str = "auto"
     grad_checkpointing: bool = False
     no_packing: bool = False
-    doc_mask: bool = False  # pretrain: attention within each document (off until measured on real text)
+    doc_mask: bool | None = STAGE_DEFAULT  # pretrain: attention within each document, positions restart
     seed: int = 0
     # bookkeeping
     save_every: int = 500
@@ -79,7 +80,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "beta")
+STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "beta", "optim", "doc_mask")
 PATH_FIELDS = ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed")
 # float knobs that must be finite (an `inf` learning rate trains NaN without a word), and positive ones
 FINITE = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha", "epochs",
@@ -116,17 +117,23 @@ def resolve(args) -> TrainConfig:
         raise UsageError(f"--stage {cfg.stage} needs --teacher CKPT")
     if cfg.optim == "muon" and cfg.deepspeed:
         raise UsageError("--optim muon cannot be used with --deepspeed (DeepSpeed takes one optimizer of its own)")
+    if cfg.optim is None and cfg.deepspeed:
+        cfg.optim = "adamw"
     if cfg.eval_every and cfg.val_data is None:
         raise UsageError("--eval-every needs --val-data PATH")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not _cuda())
     for name in STAGE_FIELDS:
         if getattr(cfg, name) is None:
-            setattr(cfg, name, getattr(stage, name))
+            setattr(cfg, name, stage.default(name, on_cpu))
     if cfg.min_lr is None:
         cfg.min_lr = cfg.lr / 10
     if cfg.max_steps is None and cfg.epochs is None and not (cfg.max_time or cfg.max_tokens):
         cfg.epochs = 1.0
     if cfg.schedule == "auto":
         cfg.schedule = "wsd" if cfg.max_time or cfg.max_tokens else "cosine"
+    cfg.adam_betas = tuple(cfg.adam_betas)
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise UsageError(f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}")
     if not 0 < cfg.decay_frac <= 1:
         raise UsageError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
     _check_numbers(cfg)
@@ -134,6 +141,12 @@ def resolve(args) -> TrainConfig:
         if getattr(cfg, name) is not None:
             setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
     return cfg
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_numbers(cfg: TrainConfig) -> None:

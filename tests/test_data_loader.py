@@ -286,3 +286,73 @@ def test_packed_chat_gives_each_document_its_padded_loss(small_sft_dir):
                                                rtol=1e-5, atol=1e-5)
                     n_docs += 1
     assert n_docs >= 4
+
+
+@pytest.fixture(scope="module")
+def minimind_format_dir(tmp_path_factory, synth_dir, tokenizer_dir):
+    out = tmp_path_factory.mktemp("prep-mm") / "pretrain"
+    return prepare("pretrain", synth_dir / "pretrain.jsonl", tokenizer_dir, out, workers=1, progress=False,
+                   doc_format="minimind")
+
+
+def test_minimind_format_documents_and_padded_rows(minimind_format_dir, tokenizer_dir):
+    """`--doc-format minimind`: <|im_start|> text <|im_end|> per document (MiniMind2's PretrainDataset);
+    `packed=False` gives one document a row, its first T + 1 tokens, weight 1 on its targets only."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    data = open_prepared(minimind_format_dir)
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert data.meta["doc_start_id"] == start and data.meta["eos_id"] == end and data.meta["doc_format"] == "minimind"
+    docs = _doc_ids(data)
+    assert all(d[0] == start and d[-1] == end and start not in d[1:] for d in docs)
+    loader = make_loader(minimind_format_dir, stage="pretrain", batch_size=4, seq_len=32, packed=False)
+    assert loader.rows_per_epoch == data.num_docs
+    batch = next(loader)
+    assert batch.position_ids is None
+    by_start = {}
+    for d in docs:
+        by_start.setdefault(tuple(d[:8]), d)
+    for r in range(4):
+        n = int(batch.weights[r].sum())
+        doc = by_start[tuple(batch.input_ids[r, :8].tolist())][:33]
+        assert n == len(doc) - 1
+        assert batch.input_ids[r, :n].tolist() == doc[:-1] and batch.targets[r, :n].tolist() == doc[1:]
+        assert (batch.targets[r, n:] == -100).all() and (batch.weights[r, n:] == 0).all()
+
+
+def test_minimind_format_packed_with_doc_masks_gives_each_document_its_padded_loss(minimind_format_dir):
+    """Windows over the stream with document masks: every document that starts and ends inside a window
+    gets the same weighted losses as in MiniMind2's padded row, because positions restart at each
+    <|im_start|> and the target after <|im_end|> (the next document's start) has weight 0. Without the
+    masks the later documents see the earlier ones and the losses differ: the check can fail."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch")).eval()
+    data = open_prepared(minimind_format_dir)
+    start, end = data.meta["doc_start_id"], data.meta["eos_id"]
+    for doc_mask in (True, False):
+        batch = next(make_loader(minimind_format_dir, stage="pretrain", batch_size=2, seq_len=128, doc_mask=doc_mask))
+        assert torch.equal(batch.weights == 0, batch.targets == start)
+        same = differ = 0
+        with torch.no_grad():
+            for r in range(2):
+                ids = batch.input_ids[r].tolist()
+                starts = [i for i, t in enumerate(ids) if t == start]
+                for a in starts:
+                    if end not in ids[a:]:
+                        continue
+                    b = ids.index(end, a) + 1  # the document a..b-1, its last target is the next start
+                    padded = make_loader(minimind_format_dir, stage="pretrain", batch_size=1, seq_len=b - a,
+                                         packed=False)
+                    alone = _token_losses(model, padded._documents([_doc_index(data, ids[a:b])]), 0, 0, b - a - 1, True)
+                    packed = _token_losses(model, batch, r, a, b - 1, False)
+                    ok = torch.allclose(packed, alone, rtol=1e-5, atol=1e-5) and batch.weights[r, b - 1] == 0
+                    same, differ = same + ok, differ + (not ok)
+        if doc_mask:
+            assert same >= 2 and differ == 0
+        else:
+            assert differ >= 1
+
+
+def _doc_index(data, ids: list[int]) -> int:
+    return next(d for d in range(data.num_docs) if data.tokens[data.offsets[d]:data.offsets[d + 1]].tolist() == ids)

@@ -1,9 +1,13 @@
 """Batches over prepared data: deterministic per (seed, epoch), exactly resumable, sharded across ranks.
 
 An epoch is a list of rows fixed by (seed, epoch): pretrain rows are contiguous windows of T + 1
-tokens of the token stream (documents separated by <|endoftext|>; with `doc_mask`, position_ids
-restart after each separator, so a token attends only to its own document, as in packed chat rows);
-chat rows are several
+tokens of the token stream (each document ends with the data's end token, meta["eos_id"]; with
+`doc_mask`, position_ids restart after it, so a token attends only to its own document, as in packed
+chat rows), or with `packed=False` one document a row padded to T (MiniMind2's pretrain layout; a
+longer document keeps its first T + 1 tokens). In MiniMind2's document format (`<|im_start|> text
+<|im_end|>`, meta["doc_start_id"]) the target after a document's end, the next document's start
+token, has weight 0: MiniMind2 never trains it, and so a document's loss is the same packed or alone.
+Chat rows are several
 conversations packed best-fit-decreasing (position_ids restarting at 0 per document, which is how the
 model blocks attention across them), or one conversation padded to T (MiniMind's layout, `packed=False`);
 dpo rows are (chosen, rejected) pairs; grpo rows are prompts. The epochs' rows form one endless stream;
@@ -150,10 +154,12 @@ class Loader:
         self.data, self.stage, self.seed = data, stage, seed
         self.layout = DATA[stage].layout
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.packed = packed and self.layout == "chat"
-        self.doc_mask = doc_mask and self.layout == "text"
-        # a chat longer than T keeps its first T tokens; pretrain needs no per-document list
-        self.capped = np.minimum(data.lengths, seq_len).tolist() if self.layout in ("chat", "pairs") else None
+        self.packed = packed and self.layout in ("chat", "text")
+        self.doc_mask = doc_mask and self.layout == "text" and self.packed
+        self.doc_start = data.meta.get("doc_start_id") if self.layout == "text" else None
+        # a chat longer than T keeps its first T tokens; packed pretrain needs no per-document list
+        self.capped = (np.minimum(data.lengths, seq_len).tolist()
+                       if self.layout in ("chat", "pairs") or not self.packed else None)
         self._epoch, self._row, self._consumed = 0, 0, 0
         self._plans: dict[int, object] = {}
         if self._num_rows(0) == 0:
@@ -166,7 +172,7 @@ class Loader:
             for old in [e for e in self._plans if e < epoch - 1]:
                 del self._plans[old]
             rng = np.random.default_rng([self.seed, epoch])
-            if self.layout == "text":
+            if self.layout == "text" and self.packed:
                 plan = rng.permutation((self.data.meta["num_tokens"] - 1) // self.seq_len)
             elif self.layout == "pairs":
                 plan = rng.permutation(self.data.num_docs // 2)
@@ -200,7 +206,7 @@ class Loader:
         rows = self._next_rows(self.batch_size * self.world_size)
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         if self.layout == "text":
-            return self._windows(mine)
+            return self._windows(mine) if self.packed else self._documents(mine)
         if self.layout == "pairs":
             pairs = np.asarray(mine, dtype=np.int64)
             return PairBatch(self._padded(2 * pairs), self._padded(2 * pairs + 1))
@@ -246,7 +252,20 @@ class Loader:
         win = np.stack([self.data.tokens[i * t:i * t + t + 1] for i in rows]).astype(np.int64)  # (B, T+1)
         x, y = torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy())
         pos = torch.from_numpy(document_positions(win[:, :-1], self.data.meta["eos_id"])) if self.doc_mask else None
-        return Batch(x, y, torch.ones(y.shape, dtype=torch.float32), pos)
+        w = torch.ones(y.shape, dtype=torch.float32)
+        if self.doc_start is not None:
+            w[y == self.doc_start] = 0.0
+        return Batch(x, y, w, pos)
+
+    def _documents(self, docs) -> Batch:
+        """One pretrain document a row: its first T + 1 tokens, the rest padding with weight 0."""
+        inp, tgt, w, _ = self._empty(len(docs))
+        for r, d in enumerate(np.asarray(docs).tolist()):
+            s = int(self.data.offsets[d])
+            ids = self.data.tokens[s:s + min(int(self.data.lengths[d]), self.seq_len + 1)]
+            n = len(ids) - 1
+            inp[r, :n], tgt[r, :n], w[r, :n] = ids[:-1], ids[1:], 1.0
+        return Batch(torch.from_numpy(inp), torch.from_numpy(tgt), torch.from_numpy(w), None)
 
     def _empty(self, b: int):
         t = self.seq_len

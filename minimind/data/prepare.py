@@ -51,6 +51,9 @@ BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish togethe
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")
 ASSISTANT_HEADER = IM_START + "assistant\n"
 CHECK_TEXTS = 4  # texts of every block the fast encoder's ids are checked against tokenizers'
+# a pretrain document's tokens: "eos": text <|endoftext|>; "minimind": <|im_start|> text <|im_end|>, as
+# MiniMind2's PretrainDataset writes them (so continuing a MiniMind2 model on its own layout is exact)
+DOC_FORMATS = ("eos", "minimind")
 
 
 class PrepareError(ValueError):
@@ -62,20 +65,26 @@ class _Bad(Exception):
 
 
 @lru_cache(maxsize=1)
-def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fast: bool = True) -> "_Encoder":
+def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fast: bool = True,
+             doc_format: str = "eos") -> "_Encoder":
     # built once in the main process, before the workers fork (tokenizer loading is the expensive part)
-    return _Encoder(stage, Path(tokenizer), max_seq_len, tag_weight, fast)
+    return _Encoder(stage, Path(tokenizer), max_seq_len, tag_weight, fast, doc_format)
 
 
 class _Encoder:
-    def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True):
+    def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True,
+                 doc_format: str = "eos"):
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
         self.kind = DATA[stage]
         self.tok = read_tokenizer(tokenizer)
         self.fast, self.why_slow = load_fast(tokenizer) if fast else (None, "disabled")
         self.render = ChatRenderer(tokenizer) if self.kind.layout != "text" else None
-        self.eos = self.tok.token_to_id(PAD)
+        self.pad = self.tok.token_to_id(PAD)
         self.im_end = self.tok.token_to_id(IM_END)
+        # a pretrain document's tokens: DOC_FORMATS; eos ends it (and is what doc masks split at)
+        self.doc_format = doc_format if self.kind.layout == "text" else None
+        self.start = self.tok.token_to_id(IM_START) if doc_format == "minimind" else None
+        self.eos = self.im_end if self.start is not None else self.pad
         self.dtype = np.uint16 if self.tok.get_vocab_size() <= 1 << 16 else np.uint32
 
     def parse(self, raw: bytes) -> dict:
@@ -316,9 +325,10 @@ class _Block:
     def add_line(self, enc: _Encoder, docs, answer) -> None:
         if enc.kind.layout == "text":
             ids = docs[0].ids
-            if len(ids) >= enc.max_seq_len:
-                ids, self.truncated = ids[: enc.max_seq_len - 1], self.truncated + 1
-            self._doc(ids + [enc.eos], None, 0)
+            room = enc.max_seq_len - 1 - (enc.start is not None)
+            if len(ids) > room:
+                ids, self.truncated = ids[:room], self.truncated + 1
+            self._doc(([enc.start] if enc.start is not None else []) + ids + [enc.eos], None, 0)
         elif enc.kind.layout == "prompts":
             ids = docs[0].ids
             if len(ids) > enc.max_seq_len:
@@ -449,16 +459,20 @@ def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
 
 
 def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: int = 512, workers: int = 2,
-            skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True) -> Path:
+            skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True,
+            doc_format: str = "eos") -> Path:
     """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`.
 
+    `doc_format` (pretrain): a document's tokens, one of DOC_FORMATS.
     `fast=False` encodes with tokenizers even where tiktoken gives the same ids (fastbpe.py).
     """
     from tqdm import tqdm
 
     input, tokenizer, out = Path(input), Path(tokenizer), Path(out)
     _check_args(stage, input, tokenizer, out, max_seq_len, workers)
-    settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast),
+    if doc_format not in DOC_FORMATS:
+        raise PrepareError(f"--doc-format: {doc_format!r} is not one of {', '.join(DOC_FORMATS)}")
+    settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast, doc_format),
                 "skip_bad": skip_bad}
     try:
         enc = _encoder(*settings["encoder"])
@@ -523,8 +537,10 @@ def _meta(stage, input: Path, tokenizer: Path, max_seq_len, tag_weight, enc: _En
         "tokenizer": str(tokenizer.resolve()),
         "vocab_size": enc.tok.get_vocab_size(),
         "token_dtype": np.dtype(enc.dtype).name,
-        "eos_id": enc.eos,
-        "pad_id": enc.eos,
+        "eos_id": enc.eos,  # ends a document
+        "pad_id": enc.pad,
+        "doc_format": enc.doc_format,
+        "doc_start_id": enc.start,
         "max_seq_len": max_seq_len,
         "source": str(input.resolve()),
         "source_bytes": input.stat().st_size,
@@ -553,7 +569,8 @@ def run(args) -> int:
     """`minimind prepare --stage STAGE --input FILE --tokenizer DIR --out DIR [...]`."""
     try:
         out = prepare(args.stage, args.input, args.tokenizer, args.out, max_seq_len=args.max_seq_len,
-                      workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0))
+                      workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0),
+                      doc_format=getattr(args, "doc_format", "eos"))
     except PrepareError as e:
         print(f"minimind prepare: {e}", file=sys.stderr)
         return 2
