@@ -62,14 +62,14 @@ wait
 SYNC="--device $DEVICE --batch-size 4 --seq-len 128"
 sync_free() {
     $PY bench/sync_check.py -- --stage pretrain $SYNC $PRE --out "$W/s1" \
-        :: --stage pretrain $SYNC $PRE --out "$W/s2" --dtype float16 --grad-accum 2 \
+        :: --stage pretrain $SYNC $PRE --out "$W/s2" --dtype float16 --grad-accum 2 --optim adamw \
         :: --stage sft $SYNC --init "$W/sft" --data "$W/data/sft.jsonl" --out "$W/s3" \
         :: --stage lora $SYNC --init "$W/sft" --data "$W/data/lora_identity.jsonl" --out "$W/s4" \
         :: --stage dpo $SYNC --init "$W/sft" --data "$W/data/dpo.jsonl" --out "$W/s5" \
         :: --stage distill $SYNC --init "$W/sft" --teacher "$W/sft" --data "$W/data/sft.jsonl" --out "$W/s6" \
         :: --stage reason $SYNC --init "$W/sft" --data "$W/data/reason.jsonl" --out "$W/s7" \
         :: --stage pretrain $SYNC $PRE --set use_moe=true --out "$W/s8" \
-        :: --stage pretrain $SYNC $PRE --optim muon --out "$W/s9"
+        :: --stage pretrain $SYNC $PRE --optim adamw --out "$W/s9"
 }
 dpo_distill() {
     $T --stage dpo --init "$W/sft" --data "$W/data/dpo.jsonl" --out "$W/dpo" \

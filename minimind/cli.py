@@ -218,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
     p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
-    p.add_argument("--doc-format", choices=("eos", "minimind"), default="eos",
-                   help="pretrain: a document's tokens: 'eos' = text <|endoftext|>, 'minimind' = <|im_start|> text "
-                        "<|im_end|> (MiniMind2's pretrain layout)")
+    p.add_argument("--doc-format", choices=("minimind", "eos"), default="minimind",
+                   help="pretrain: a document's tokens: 'minimind' = <|im_start|> text <|im_end|> (MiniMind2's "
+                        "layout), 'eos' = text <|endoftext|>")
 
     p = sub.add_parser("train", help="train a model (same as train.py)")
     add_train_arguments(p)

@@ -106,14 +106,15 @@ def test_pretrain_windows_are_contiguous(tmp_path_factory, synth_dir, tokenizer_
     loader = make_loader(out, stage="pretrain", batch_size=3, seq_len=64)
     assert loader.rows_per_epoch == (data.meta["num_tokens"] - 1) // 64
     batch = next(loader)
-    assert batch.position_ids is None and torch.equal(batch.weights, torch.ones(3, 64))
+    assert batch.position_ids is None
+    assert torch.equal(batch.weights, (batch.targets != data.meta["doc_start_id"]).float())  # no next-document start
     stream = np.asarray(data.tokens).astype(np.int64)
     for x, y in zip(batch.input_ids.numpy(), batch.targets.numpy()):
         start = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(stream, 64)[::64] == x, axis=1))
         assert len(start) >= 1
         i = start[0] * 64
         assert (y == stream[i + 1:i + 65]).all()
-    assert (stream == 0).sum() == data.num_docs  # documents separated by <|endoftext|>
+    assert (stream == data.meta["eos_id"]).sum() == data.num_docs  # each document ends with the end token
 
 
 def test_reason_tag_weights(tmp_path_factory, synth_dir, tokenizer_dir):

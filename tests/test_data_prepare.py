@@ -77,13 +77,22 @@ def test_tokens_equal_chat_template_and_weights_are_assistant_spans(tmp_path, to
     assert data.meta["weight_values"] == [0.0, 1.0, 10.0 if stage == "reason" else 1.0]
 
 
-def test_pretrain_documents_end_with_endoftext(tmp_path, tok_dir, shared_dir):
+def test_pretrain_documents_are_minimind2s_layout(tmp_path, tok_dir, shared_dir):
+    """The default document format is MiniMind2's, <|im_start|> text <|im_end|>; --doc-format eos is ours
+    before, text <|endoftext|>."""
     rows = _rows(shared_dir / "samples" / "pretrain.jsonl")
     data, tok = _prep(tmp_path, "pretrain", shared_dir / "samples" / "pretrain.jsonl", tok_dir), load_tokenizer(tok_dir)
-    assert data.meta["token_dtype"] == "uint16" and data.codes is None
+    assert data.meta["token_dtype"] == "uint16" and data.codes is None and data.meta["doc_format"] == "minimind"
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert (data.meta["doc_start_id"], data.meta["eos_id"]) == (start, end)
     for ids, row in zip(_docs(data), rows):
-        assert ids[-1] == tok.convert_tokens_to_ids("<|endoftext|>")
-        assert tok.decode(ids[:-1]) == row["text"]
+        assert ids[0] == start and ids[-1] == end
+        assert tok.decode(ids[1:-1]) == row["text"]
+    eos = open_prepared(prepare("pretrain", shared_dir / "samples" / "pretrain.jsonl", tok_dir, tmp_path / "eos",
+                                workers=1, progress=False, doc_format="eos"))
+    assert eos.meta["doc_start_id"] is None and eos.meta["eos_id"] == tok.convert_tokens_to_ids("<|endoftext|>")
+    for ids, row in zip(_docs(eos), rows):
+        assert ids[-1] == eos.meta["eos_id"] and tok.decode(ids[:-1]) == row["text"]
 
 
 def test_dpo_pairs_share_prompt_and_weight_only_final_response(tmp_path, tok_dir, shared_dir, synth_dir):

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from minimind.cli import add_train_arguments
 from minimind.errors import UsageError
@@ -39,8 +40,13 @@ def test_stage_knobs_come_from_the_stage_record(tmp_path):
         cfg = resolve(_parser().parse_args(argv))
         assert isinstance(cfg, TrainConfig)
         for field in STAGE_FIELDS:
-            assert getattr(cfg, field) == getattr(stage, field), (name, field)
+            assert getattr(cfg, field) == stage.default(field, on_cpu=not torch.cuda.is_available()), (name, field)
         assert cfg.min_lr == stage.lr / 10 and cfg.epochs == 1.0
+        for device, on_cpu in (("cpu", True), ("cuda", False)):  # a device's own defaults, wherever this runs
+            cfg = resolve(_parser().parse_args([*argv, "--device", device]))
+            assert all(getattr(cfg, f) == stage.default(f, on_cpu) for f in STAGE_FIELDS), (name, device)
+    pre = STAGES["pretrain"]
+    assert pre.default("batch_size", on_cpu=True) != pre.default("batch_size", on_cpu=False)  # the CPU's own batch
     cfg = resolve(_parser().parse_args(["--stage", "sft", "--init", str(tmp_path), "--data", str(data), "--lr",
                                         "1e-3", "--out", str(tmp_path / "x")]))
     assert cfg.lr == 1e-3 and dataclasses.asdict(cfg)["lr"] == 1e-3

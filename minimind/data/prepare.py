@@ -51,9 +51,9 @@ BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish togethe
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")
 ASSISTANT_HEADER = IM_START + "assistant\n"
 CHECK_TEXTS = 4  # texts of every block the fast encoder's ids are checked against tokenizers'
-# a pretrain document's tokens: "eos": text <|endoftext|>; "minimind": <|im_start|> text <|im_end|>, as
-# MiniMind2's PretrainDataset writes them (so continuing a MiniMind2 model on its own layout is exact)
-DOC_FORMATS = ("eos", "minimind")
+# a pretrain document's tokens: "minimind" (the default): <|im_start|> text <|im_end|>, as MiniMind2's
+# PretrainDataset writes them (README, "our document layout"); "eos": text <|endoftext|>, ours before
+DOC_FORMATS = ("minimind", "eos")
 
 
 class PrepareError(ValueError):
@@ -66,14 +66,14 @@ class _Bad(Exception):
 
 @lru_cache(maxsize=1)
 def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fast: bool = True,
-             doc_format: str = "eos") -> "_Encoder":
+             doc_format: str = "minimind") -> "_Encoder":
     # built once in the main process, before the workers fork (tokenizer loading is the expensive part)
     return _Encoder(stage, Path(tokenizer), max_seq_len, tag_weight, fast, doc_format)
 
 
 class _Encoder:
     def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True,
-                 doc_format: str = "eos"):
+                 doc_format: str = "minimind"):
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
         self.kind = DATA[stage]
         self.tok = read_tokenizer(tokenizer)
@@ -460,7 +460,7 @@ def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
 
 def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: int = 512, workers: int = 2,
             skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True,
-            doc_format: str = "eos") -> Path:
+            doc_format: str = "minimind") -> Path:
     """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`.
 
     `doc_format` (pretrain): a document's tokens, one of DOC_FORMATS.
@@ -570,7 +570,7 @@ def run(args) -> int:
     try:
         out = prepare(args.stage, args.input, args.tokenizer, args.out, max_seq_len=args.max_seq_len,
                       workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0),
-                      doc_format=getattr(args, "doc_format", "eos"))
+                      doc_format=getattr(args, "doc_format", "minimind"))
     except PrepareError as e:
         print(f"minimind prepare: {e}", file=sys.stderr)
         return 2
