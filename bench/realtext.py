@@ -37,8 +37,8 @@ TOKENIZER = ROOT.parent / "shared" / "minimind_tokenizer"  # MiniMind2's; --toke
 OLD_COMMIT = "6dd74fc"  # main when issue 18 measured the old defaults
 SEQ = 256
 PEER = ["--no-packing", "--optim", "adamw", "--batch-size", "8", "--lr", "5e-4", "--min-lr", "5e-5",
-        "--warmup-steps", "0", "--weight-decay", "0.01", "--adam-betas", "0.9,0.999", "--grad-clip", "1.0", "--schedule", "cosine",
-        "--epochs", "1"]
+        "--warmup-steps", "0", "--weight-decay", "0.01", "--adam-betas", "0.9,0.999", "--grad-clip", "1.0",
+        "--schedule", "cosine", "--epochs", "1"]
 # name -> (document format of its data, code: "new" | "old", flags); "@M" in a run spec adds --max-time M minutes
 RECIPES = {
     "minimind2": ("minimind", "new", PEER),
