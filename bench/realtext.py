@@ -18,7 +18,7 @@ a git worktree of that commit. Sweep variants are `ours` plus flags.
     python bench/realtext.py run lr2e-3:ours@5:--lr=2e-3,--doc-mask   # a run's own flags
     python bench/realtext.py run a:ours@5 b:ours@5 -- --lr 2e-3       # flags after -- go to every run
     python bench/realtext.py score                        # every checkpoint not yet scored
-    python bench/realtext.py table                        # markdown table + realtext.png
+    python bench/realtext.py table [RUN...]               # markdown table + realtext.png
 The work directory is runs/realtext (--work).
 """
 
@@ -208,6 +208,7 @@ def cmd_score(args) -> None:
 
 def cmd_table(args) -> None:
     rows = [json.loads(line) for line in open(args.work / "scores.jsonl")]
+    rows = [r for r in rows if not args.only or r["run"] in args.only]
     finals = [r for r in rows if r["final"]]
     print("| run | recipe | wall-clock (s) | steps | held-out nats/token | bits/byte |")
     print("|---|---|---|---|---|---|")
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("corpus", "run", "score", "table"))
-    p.add_argument("runs", nargs="*", help="run: NAME:RECIPE[@MINUTES][:--FLAG=VALUE,...]; score: only these runs")
+    p.add_argument("runs", nargs="*", help="run: NAME:RECIPE[@MINUTES][:--FLAG=VALUE,...]; score, table: these only")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "realtext")
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     p.add_argument("--train-docs", type=int, default=2400)
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-ckpts", action="store_true")
     p.add_argument("--final-only", action="store_true", help="score: each run's last checkpoint only")
     args = p.parse_intermixed_args(argv)
-    args.extra, args.only = extra, (args.runs if args.command == "score" else None)
+    args.extra, args.only = extra, (args.runs if args.command in ("score", "table") else None)
     if not (args.tokenizer / "tokenizer.json").is_file():
         print(f"realtext: skipped: no tokenizer at {args.tokenizer} (MiniMind2's is in ../shared/; --tokenizer DIR)")
         return 0
