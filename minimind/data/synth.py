@@ -194,16 +194,19 @@ def askable_fact(rng: random.Random, world: World) -> tuple[Person, int]:
             return person, kind
 
 
-def fact_question(rng: random.Random, person: Person, kind: int, zh: bool) -> str:
+def fact_questions(person: Person, kind: int, zh: bool) -> tuple[str, ...]:
+    """Every phrasing of the question about one fact."""
     n, z = person.en, person.zh
     if zh:
-        return rng.choice([(f"{z}住在哪里？", f"{z}住在哪个地方？"), (f"{z}的职业是什么？", f"{z}是做什么工作的？"),
-                           (f"{z}最喜欢什么颜色？",), (f"{z}养了什么宠物？",),
-                           (f"{z}多大了？", f"{z}今年几岁？")][kind])
-    return rng.choice([(f"Where does {n} live?", f"Which place does {n} live in?"),
-                       (f"What is {n}'s job?", f"What does {n} do for a living?"),
-                       (f"What is {n}'s favourite colour?",), (f"What pet does {n} have?",),
-                       (f"How old is {n}?",)][kind])
+        return [(f"{z}住在哪里？", f"{z}住在哪个地方？"), (f"{z}的职业是什么？", f"{z}是做什么工作的？"),
+                (f"{z}最喜欢什么颜色？",), (f"{z}养了什么宠物？",), (f"{z}多大了？", f"{z}今年几岁？")][kind]
+    return [(f"Where does {n} live?", f"Which place does {n} live in?"),
+            (f"What is {n}'s job?", f"What does {n} do for a living?"),
+            (f"What is {n}'s favourite colour?",), (f"What pet does {n} have?",), (f"How old is {n}?",)][kind]
+
+
+def fact_question(rng: random.Random, person: Person, kind: int, zh: bool) -> str:
+    return rng.choice(fact_questions(person, kind, zh))
 
 
 def fact_answer(world: World, person: Person, kind: int, zh: bool) -> str:
