@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     t = _step("7/7 GRPO on arithmetic prompts")
     _train(["--stage", "grpo", "--init", out / "sft", "--data", grpo, "--out", out / "grpo", "--max-steps",
             args.grpo_steps, "--batch-size", "4", "--group-size", "6", "--max-new-tokens", "24", "--seq-len", "64",
-            "--lr", "1e-4", "--log-every", "5", "--save-every", "1000"])
+            "--lr", "3e-4", "--log-every", "5", "--save-every", "1000"])
     after = _evaluate(out / "grpo", grpo_eval, out / "eval" / "grpo_after.json")
     print(f"GRPO in {time.perf_counter() - t:.0f}s")
     print(f"held-out arithmetic ({before['questions']} problems never in any training file, "

@@ -15,6 +15,7 @@ Replies are greedy (temperature 0) from `infer.engine.Engine`, batched, up to `-
 import json
 import re
 import sys
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -103,15 +104,21 @@ def format_table(report: dict) -> str:
     for name, fam in report["families"].items():
         lines.append(f"{name:<18} {fam['accuracy']:6.1%}  ({fam['correct']}/{fam['questions']})")
         for s in fam["samples"]:
-            mark = "ok " if s["match"] else "no "
-            lines.append(f"    {mark} {_clip(s['prompt'], 44):<44} expected: {_clip(s['expected'], 32):<32} "
-                         f"got: {_clip(s['got'], 40)}")
+            mark = "ok" if s["match"] else "no"
+            lines.append(f"    {mark}  {_cell(s['prompt'], 44)}  expected: {_cell(s['expected'], 32)}  "
+                         f"got: {_cell(s['got'], 40).rstrip()}")
     return "\n".join(lines)
 
 
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _cell(text: str, width: int) -> str:
+    """`text` on one line, cut or padded to `width` terminal columns (CJK characters take two)."""
+    out, used = "", 0
+    for ch in " ".join(text.split()):
+        w = 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        if used + w > width - 1:
+            return out + "…" + " " * (width - used - 1)
+        out, used = out + ch, used + w
+    return out + " " * (width - used)
 
 
 def run(args) -> int:
