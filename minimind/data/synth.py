@@ -13,8 +13,9 @@ Held out of every file, for every seed, so that a model can be scored on what it
   appears in any file, in any phrasing or language.
 - facts: a fixed fifth of the (person, fact kind) pairs (`is_held_out_fact`). Such a fact is stated in
   the pretraining bios and place descriptions like any other, but no file asks it (no Q/A, DPO pair,
-  rlaif prompt or multiple-choice row): answering it needs recall of what pretraining said, put in the
-  answer format SFT taught on the other facts.
+  rlaif prompt or multiple-choice row; reason.jsonl's "who is older" reasoning states ages as the bios
+  do): answering it needs recall of what pretraining said, put in the answer format SFT taught on the
+  other facts.
 - instructions: a fixed tenth of the instruction prompts, by their text (`is_held_out_text`).
 """
 
