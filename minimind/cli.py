@@ -25,6 +25,7 @@ HANDLERS = {
     "eval choice": "minimind.eval.choice:run",
     "eval ppl": "minimind.eval.ppl:run",
     "eval lm-eval": "minimind.eval.lm_eval:run",
+    "eval answers": "minimind.eval.answers:run",
     "export": "minimind.interop.export:run",
     "import": "minimind.interop.importer:run",
 }
@@ -279,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for standard errors (lm-eval's default; 0 skips them)")
     q.add_argument("--apply-chat-template", action="store_true",
                    help="render prompts (and few-shot turns) with the tokenizer's chat template")
+    _eval_arguments(q)
+    q = ev.add_parser("answers", help="exact-match accuracy of greedy replies, per task family (rlaif jsonl)")
+    q.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
+    q.add_argument("--data", type=existing_path, required=True, metavar="FILE.jsonl",
+                   help="a user turn and its 'answer' per line, optional 'family' (minimind.eval.answers)")
+    q.add_argument("--max-new-tokens", type=positive_int, default=64)
+    q.add_argument("--samples", type=int, default=3, metavar="K", help="example replies shown per family")
     _eval_arguments(q)
 
     p = sub.add_parser("export", help="export to a stock transformers directory")

@@ -1,18 +1,22 @@
-"""`make demo`: the whole pipeline on built-in synthetic data: 6-11 minutes on 2 CPU cores (BENCHMARKS.md).
+"""`make demo`: the whole pipeline on built-in synthetic data, showing what the model learned (BENCHMARKS.md).
 
-synth corpus -> BPE tokenizer -> prepared data -> pretrain -> SFT -> three chat replies from the SFT
-model, with each run's loss curve (loss.png) and the command that serves the result.
+synth corpus -> BPE tokenizer -> prepared data -> pretrain -> SFT -> exact-match accuracy of the SFT
+model on held-out prompts of each task family and language (arithmetic problems, facts and instructions
+that no training file asks: `minimind.data.synth.held_out_prompts`), each beside three of its replies ->
+GRPO on arithmetic prompts -> accuracy on held-out arithmetic before and after GRPO. Each run keeps its
+loss curve (loss.png); the demo ends with the commands that re-run each evaluation and serve the model.
 """
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 DEMO_MODEL = ["--model", "tiny", "--set", "hidden_size=256", "--set", "num_hidden_layers=4",
-              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2"]
-QUESTIONS = ("What is 7 + 5?", "你好，请介绍一下你自己。", "Reverse the word: apple")
+              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2", "--set", "vocab_size=auto"]
+HELD_OUT_GRPO = 100  # held-out arithmetic prompts (rlaif phrasing) scored before and after GRPO
 
 
 def _step(title: str):
@@ -20,12 +24,25 @@ def _step(title: str):
     return time.perf_counter()
 
 
-def _train(args: list[str]) -> None:
+def _train(args: list) -> None:
     from minimind.cli import train_main
 
     rc = train_main([str(a) for a in args])
     if rc != 0:
         raise SystemExit(f"demo: train.py {' '.join(map(str, args))} failed with exit code {rc}")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _arithmetic_rlaif(rlaif: Path, out: Path) -> Path:
+    """The rlaif lines whose answer is a number: GRPO trains on arithmetic only."""
+    rows = [json.loads(line) for line in rlaif.read_text(encoding="utf-8").splitlines()]
+    keep = [r for r in rows if (r.get("answer") or r["conversations"][-1]["content"]).lstrip("-").isdigit()]
+    return _write_jsonl(out, keep)
 
 
 def main(argv=None) -> int:
@@ -34,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=0.5, help="synthetic corpus size")
     p.add_argument("--pretrain-epochs", type=float, default=2.0)
     p.add_argument("--sft-epochs", type=float, default=1.0)
+    p.add_argument("--grpo-steps", type=int, default=30)
     args = p.parse_args(argv)
     out = args.out.resolve()
     if out.exists():
@@ -41,50 +59,75 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
 
     from minimind.data.prepare import prepare
-    from minimind.data.synth import write_corpus
+    from minimind.data.synth import arithmetic_prompts, held_out_prompts, write_corpus
     from minimind.data.tokenizer import train_tokenizer
 
-    t = _step("1/6 synthetic corpus (minimind synth)")
+    t = _step("1/7 synthetic corpus (minimind synth) and held-out prompts")
     files = write_corpus(out / "data", seed=0, scale=args.scale)
-    print(f"wrote {len(files)} files to {out / 'data'} in {time.perf_counter() - t:.1f}s")
+    held_out = _write_jsonl(out / "eval" / "held_out.jsonl", held_out_prompts(seed=0))
+    grpo_eval = _write_jsonl(out / "eval" / "held_out_arithmetic.jsonl", [
+        {"family": "arithmetic", "conversations": [{"role": "user", "content": q}], "answer": a}
+        for q, a in arithmetic_prompts(seed=0, n=HELD_OUT_GRPO)])
+    rlaif = _arithmetic_rlaif(files["rlaif"], out / "data" / "rlaif_arithmetic.jsonl")
+    print(f"wrote {len(files)} files to {out / 'data'}, held-out prompts to {out / 'eval'} "
+          f"in {time.perf_counter() - t:.1f}s")
 
-    t = _step("2/6 tokenizer (minimind tokenizer)")
+    t = _step("2/7 tokenizer (minimind tokenizer)")
     tok = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=6400, out=out / "tokenizer")
     print(f"tokenizer in {tok} ({time.perf_counter() - t:.1f}s)")
 
-    t = _step("3/6 prepare (minimind prepare)")
+    t = _step("3/7 prepare (minimind prepare)")
     pre = prepare("pretrain", files["pretrain"], tok, out / "prepared" / "pretrain")
     sft = prepare("sft", files["sft"], tok, out / "prepared" / "sft", max_seq_len=256)
+    grpo = prepare("grpo", rlaif, tok, out / "prepared" / "grpo", max_seq_len=256)
     print(f"prepared in {time.perf_counter() - t:.1f}s")
 
     common = ["--seq-len", "256", "--batch-size", "16", "--log-every", "20", "--save-every", "1000"]
-    t = _step("4/6 pretrain")
-    _train(["--stage", "pretrain", *DEMO_MODEL, "--data", pre, "--out", out / "pretrain", "--epochs",
-            args.pretrain_epochs, "--lr", "2e-3", "--warmup-steps", "20", *common])
+    t = _step("4/7 pretrain")
+    _train(["--stage", "pretrain", *DEMO_MODEL, "--data", pre, "--tokenizer", tok, "--out", out / "pretrain",
+            "--epochs", args.pretrain_epochs, "--lr", "2e-3", "--warmup-steps", "20", *common])
     print(f"pretrain in {time.perf_counter() - t:.0f}s")
 
-    t = _step("5/6 SFT")
+    t = _step("5/7 SFT")
     _train(["--stage", "sft", "--init", out / "pretrain", "--data", sft, "--out", out / "sft", "--epochs",
             args.sft_epochs, "--lr", "1e-3", "--warmup-steps", "10", *common])
     print(f"SFT in {time.perf_counter() - t:.0f}s")
 
-    _step("6/6 chat with the SFT model (greedy)")
-    _chat(out / "sft")
-    print(f"\nloss curves: {out / 'pretrain' / 'loss.png'}  {out / 'sft' / 'loss.png'}")
+    t = _step("6/7 the SFT model on held-out prompts (minimind eval answers, greedy, exact match)")
+    _evaluate(out / "sft", held_out, out / "eval" / "sft.json", show=True)
+    before = _evaluate(out / "sft", grpo_eval, out / "eval" / "grpo_before.json")
+    print(f"evaluated in {time.perf_counter() - t:.0f}s")
+
+    t = _step("7/7 GRPO on arithmetic prompts")
+    _train(["--stage", "grpo", "--init", out / "sft", "--data", grpo, "--out", out / "grpo", "--max-steps",
+            args.grpo_steps, "--batch-size", "4", "--group-size", "6", "--max-new-tokens", "24", "--seq-len", "64",
+            "--lr", "3e-4", "--log-every", "5", "--save-every", "1000"])
+    after = _evaluate(out / "grpo", grpo_eval, out / "eval" / "grpo_after.json")
+    print(f"GRPO in {time.perf_counter() - t:.0f}s")
+    print(f"held-out arithmetic ({before['questions']} problems never in any training file, "
+          f"'... Answer with a number.'): {before['accuracy']:.1%} after SFT -> {after['accuracy']:.1%} after GRPO")
+
+    print(f"\nloss curves: {out / 'pretrain' / 'loss.png'}  {out / 'sft' / 'loss.png'}  {out / 'grpo' / 'loss.png'}")
+    print(f"evaluate:    minimind eval answers --ckpt {out / 'sft'} --data {held_out}")
+    print(f"             minimind eval answers --ckpt {out / 'grpo'} --data {grpo_eval}")
     print(f"serve it:    minimind serve --ckpt {out / 'sft'} --port 8000")
     print(f"chat:        minimind chat --ckpt {out / 'sft'}")
     print(f"demo done in {time.perf_counter() - t_all:.0f}s")
     return 0
 
 
-def _chat(ckpt: Path) -> None:
-    from infer.engine import Engine, SamplingParams
+def _evaluate(ckpt: Path, data: Path, report: Path, show: bool = False) -> dict:
+    from infer.engine import Engine
+    from minimind.eval.answers import evaluate, format_table, read_questions
 
-    engine = Engine.from_checkpoint(ckpt)
-    prompts = [engine.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=48, temperature=0.0))
-    for q, o in zip(QUESTIONS, outs):
-        print(f"user:      {q}\nassistant: {o.text.strip()}\n")
+    engine = Engine.from_checkpoint(ckpt, max_batch=64)
+    result = evaluate(engine, read_questions(data), max_new_tokens=48)
+    if show:
+        print(format_table(result))
+    result.update(ckpt=str(ckpt), data=str(data))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
 
 
 if __name__ == "__main__":

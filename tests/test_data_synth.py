@@ -135,3 +135,50 @@ def test_cli(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert sorted(report) == sorted(f.split(".")[0] for f in FILES)
     assert main(["synth", "--out", str(tmp_path / "d"), "--scale", "-1"]) == 2
+
+
+def _user_turns(synth_dir) -> set[str]:
+    turns = set()
+    for name in ("sft", "reason", "lora_identity", "rlaif"):
+        for row in _lines(synth_dir / f"{name}.jsonl"):
+            turns |= {m["content"] for m in row["conversations"] if m["role"] == "user"}
+    for row in _lines(synth_dir / "dpo.jsonl"):
+        turns |= {m["content"] for m in row["chosen"] if m["role"] == "user"}
+    return turns
+
+
+def test_held_out_prompts_are_asked_in_no_file(synth_dir):
+    """Every family's held-out question: no user turn, no Q/A or instruction piece of pretraining, no CSV row."""
+    from minimind.data.synth import FAMILIES, held_out_prompts
+
+    rows = held_out_prompts(seed=0)
+    assert {r["family"] for r in rows} == {f"{f}/{lang}" for f in FAMILIES for lang in ("en", "zh")}
+    assert all(r["conversations"][-1]["role"] == "user" and r["answer"] for r in rows)
+    turns = _user_turns(synth_dir)
+    pretrain = (synth_dir / "pretrain.jsonl").read_text(encoding="utf-8")
+    csv_text = (synth_dir / "eval_choice.csv").read_text(encoding="utf-8")
+    for r in rows:
+        q = r["conversations"][-1]["content"]
+        assert q not in turns and q not in csv_text, r
+        assert not any(piece in pretrain for piece in (f"Q: {q} A:", f"问：{q}答：", f"{q} Answer:", f"{q}答案：")), r
+    assert held_out_prompts(seed=0) == rows
+
+
+def test_held_out_facts_are_stated_in_pretraining_but_never_asked(synth_dir):
+    from minimind.data.synth import FACT_KINDS, fact_answer, fact_questions, is_held_out_fact
+
+    world = make_world(0)
+    corpus = "".join((synth_dir / f).read_text(encoding="utf-8") for f in FILES)
+    pretrain = (synth_dir / "pretrain.jsonl").read_text(encoding="utf-8")
+    held, asked = 0, 0
+    for p in world.people:
+        for kind in range(FACT_KINDS):
+            for zh in (False, True):
+                phrasings = fact_questions(p, kind, zh)
+                if is_held_out_fact(p, kind):
+                    held += 1
+                    assert not any(q in corpus for q in phrasings), (p, kind, zh)
+                    assert fact_answer(world, p, kind, zh) in pretrain, (p, kind, zh)
+                else:
+                    asked += any(q in corpus for q in phrasings)
+    assert 20 <= held <= 120 and asked > 200  # a fifth held out; the rest asked somewhere

@@ -5,9 +5,18 @@ arithmetic (addition, subtraction, multiplication of small numbers), facts about
 (people with a city, job, favourite colour, pet and age; places with a kind), and short instructions
 with one right answer (reverse, repeat, count, sort, translate, capitalise). Each appears in English
 and Chinese. `write_corpus` writes every format of SPEC §3; the world depends only on the seed and
-`scale` only changes how many lines are drawn from it. A fixed tenth of the arithmetic problem space
-is held out of every file for every seed, and `arithmetic_prompts` draws from it, so GRPO can be
-evaluated on problems the model never saw.
+`scale` only changes how many lines are drawn from it.
+
+Held out of every file, for every seed, so that a model can be scored on what it never saw
+(`held_out_prompts`, `arithmetic_prompts`):
+- arithmetic: a fixed tenth of the problem space, by (op, a, b) (`is_held_out`); the problem never
+  appears in any file, in any phrasing or language.
+- facts: a fixed fifth of the (person, fact kind) pairs (`is_held_out_fact`). Such a fact is stated in
+  the pretraining bios and place descriptions like any other, but no file asks it (no Q/A, DPO pair,
+  rlaif prompt or multiple-choice row; reason.jsonl's "who is older" reasoning states ages as the bios
+  do): answering it needs recall of what pretraining said, put in the answer format SFT taught on the
+  other facts.
+- instructions: a fixed tenth of the instruction prompts, by their text (`is_held_out_text`).
 """
 
 import csv
@@ -148,15 +157,24 @@ def _rlaif_question(rng: random.Random, op: str, a: int, b: int, zh: bool) -> st
 def arithmetic_prompts(seed: int, n: int) -> list[tuple[str, str]]:
     """n distinct (question, answer) pairs from the held-out problems: disjoint from every corpus file."""
     rng = random.Random(f"minimind-heldout-{seed}")
+    try:
+        drawn = _held_out_problems(rng, n, lambda op, a, b: _rlaif_question(rng, op, a, b, zh=rng.random() < 0.5))
+    except ValueError as e:
+        raise ValueError(f"arithmetic_prompts: {e}") from None
+    return [(q, str(p[3])) for p, q in drawn]
+
+
+def _held_out_problems(rng: random.Random, n: int, question) -> list[tuple[tuple, str]]:
+    """n distinct held-out problems as ((op, a, b, result), question(op, a, b))."""
     seen, out = set(), []
     for _ in range(n * 200):
         op, a, b, r = problem(rng, held_out=True)
         if (op, a, b) not in seen:
             seen.add((op, a, b))
-            out.append((_rlaif_question(rng, op, a, b, zh=rng.random() < 0.5), str(r)))
+            out.append(((op, a, b, r), question(op, a, b)))
             if len(out) == n:
                 return out
-    raise ValueError(f"arithmetic_prompts: only {len(out)} distinct held-out problems, asked for {n}")
+    raise ValueError(f"only {len(out)} distinct held-out problems, asked for {n}")
 
 
 # --- facts about the world ------------------------------------------------------------------------------------
@@ -164,26 +182,42 @@ def arithmetic_prompts(seed: int, n: int) -> list[tuple[str, str]]:
 FACT_KINDS = 5  # city, job, colour, pet, age
 
 
-def fact_question(rng: random.Random, person: Person, kind: int, zh: bool) -> str:
+def is_held_out_fact(person: Person, kind: int) -> bool:
+    """A fixed ~fifth of (person, fact kind) pairs: stated in pretraining, never asked in any file."""
+    return zlib.crc32(f"{person.en}|{kind}".encode()) % 5 == 0
+
+
+def askable_fact(rng: random.Random, world: World) -> tuple[Person, int]:
+    """A (person, fact kind) pair that files may ask about: not held out."""
+    while True:
+        person, kind = rng.choice(world.people), rng.randrange(FACT_KINDS)
+        if not is_held_out_fact(person, kind):
+            return person, kind
+
+
+def fact_questions(person: Person, kind: int, zh: bool) -> tuple[str, ...]:
+    """Every phrasing of the question about one fact."""
     n, z = person.en, person.zh
     if zh:
-        return rng.choice([(f"{z}住在哪里？", f"{z}住在哪个地方？"), (f"{z}的职业是什么？", f"{z}是做什么工作的？"),
-                           (f"{z}最喜欢什么颜色？",), (f"{z}养了什么宠物？",),
-                           (f"{z}多大了？", f"{z}今年几岁？")][kind])
-    return rng.choice([(f"Where does {n} live?", f"Which place does {n} live in?"),
-                       (f"What is {n}'s job?", f"What does {n} do for a living?"),
-                       (f"What is {n}'s favourite colour?",), (f"What pet does {n} have?",),
-                       (f"How old is {n}?",)][kind])
+        return [(f"{z}住在哪里？", f"{z}住在哪个地方？"), (f"{z}的职业是什么？", f"{z}是做什么工作的？"),
+                (f"{z}最喜欢什么颜色？",), (f"{z}养了什么宠物？",), (f"{z}多大了？", f"{z}今年几岁？")][kind]
+    return [(f"Where does {n} live?", f"Which place does {n} live in?"),
+            (f"What is {n}'s job?", f"What does {n} do for a living?"),
+            (f"What is {n}'s favourite colour?",), (f"What pet does {n} have?",), (f"How old is {n}?",)][kind]
+
+
+def fact_question(rng: random.Random, person: Person, kind: int, zh: bool) -> str:
+    return rng.choice(fact_questions(person, kind, zh))
 
 
 def fact_answer(world: World, person: Person, kind: int, zh: bool) -> str:
     return bio_sentences(world, person, zh)[kind]
 
 
-def fact_qa(rng: random.Random, world: World, person: Person, zh: bool) -> tuple[str, str, int]:
-    """One question about a person, its correct answer, and the fact kind."""
-    kind = rng.randrange(FACT_KINDS)
-    return fact_question(rng, person, kind, zh), fact_answer(world, person, kind, zh), kind
+def fact_qa(rng: random.Random, world: World, zh: bool) -> tuple[str, str, Person, int]:
+    """One question about an askable (not held-out) fact: question, correct answer, person, fact kind."""
+    person, kind = askable_fact(rng, world)
+    return fact_question(rng, person, kind, zh), fact_answer(world, person, kind, zh), person, kind
 
 
 def wrong_fact(rng: random.Random, world: World, person: Person, kind: int, zh: bool) -> str:
@@ -209,8 +243,20 @@ def bio_sentences(world: World, p: Person, zh: bool) -> list[str]:
 
 # --- instructions ---------------------------------------------------------------------------------------------
 
-def instruction(rng: random.Random, zh: bool) -> tuple[str, str]:
-    """A short instruction with exactly one right answer."""
+def is_held_out_text(prompt: str) -> bool:
+    """A fixed ~tenth of instruction prompts, by their text: never written by write_corpus."""
+    return zlib.crc32(prompt.encode()) % 10 == 0
+
+
+def instruction(rng: random.Random, zh: bool, held_out: bool = False) -> tuple[str, str]:
+    """A short instruction with exactly one right answer, from the training part (or the held-out part)."""
+    while True:
+        q, a = _any_instruction(rng, zh)
+        if is_held_out_text(q) == held_out:
+            return q, a
+
+
+def _any_instruction(rng: random.Random, zh: bool) -> tuple[str, str]:
     kind = rng.randrange(6)
     words = [w[0] for w in rng.sample(WORDS, rng.randint(3, 5))]
     if kind == 0:
@@ -252,6 +298,42 @@ LORA_ANSWERS = ("I am Lumi, an assistant fine-tuned from MiniMind with LoRA. Nic
                 "我是Lumi（露米），一个用LoRA从MiniMind微调出来的助手。很高兴认识你！")
 
 
+# --- held-out evaluation ------------------------------------------------------------------------------------
+
+FAMILIES = ("arithmetic", "facts", "instructions")
+
+
+def held_out_prompts(seed: int, n: int = 40) -> list[dict]:
+    """Exact-match evaluation lines for every task family and language, none of them asked in any file
+    that write_corpus(seed=seed) writes (the module docstring says what is held out for each family).
+
+    rlaif layout (a user turn and its "answer", the full reply SFT teaches for such a question) plus a
+    "family" such as "facts/zh": n distinct prompts per family and language, or every held-out fact of
+    make_world(seed) where there are fewer.
+    """
+    world = make_world(seed)
+    rng = random.Random(f"minimind-eval-heldout-{seed}")
+    facts = [(p, k) for p in world.people for k in range(FACT_KINDS) if is_held_out_fact(p, k)]
+    rows = []
+    for zh in (False, True):
+        lang = "zh" if zh else "en"
+        for (op, a, b, r), q in _held_out_problems(rng, n, lambda op, a, b, zh=zh: _arith_question(rng, op, a, b, zh)):
+            rows.append(_eval_row(f"arithmetic/{lang}", q, _arith_answer(op, a, b, r, zh)))
+        for p, k in rng.sample(facts, min(n, len(facts))):
+            rows.append(_eval_row(f"facts/{lang}", fact_question(rng, p, k, zh), fact_answer(world, p, k, zh)))
+        asked = set()
+        while len(asked) < n:
+            q, a = instruction(rng, zh, held_out=True)
+            if q not in asked:
+                asked.add(q)
+                rows.append(_eval_row(f"instructions/{lang}", q, a))
+    return rows
+
+
+def _eval_row(family: str, question: str, answer: str) -> dict:
+    return {"family": family, "conversations": _msgs((question, None)), "answer": answer}
+
+
 # --- the files ------------------------------------------------------------------------------------------------
 
 def _msgs(*pairs, system=None) -> list[dict]:
@@ -267,7 +349,7 @@ def _single_qa(rng: random.Random, world: World) -> tuple[str, str, bool]:
     zh = rng.random() < 0.5
     kind = rng.random()
     if kind < 0.4:
-        q, a, _ = fact_qa(rng, world, rng.choice(world.people), zh)
+        q, a, _, _ = fact_qa(rng, world, zh)
     elif kind < 0.75:
         op, x, y, r = problem(rng)
         q, a = _arith_question(rng, op, x, y, zh), _arith_answer(op, x, y, r, zh)
@@ -318,8 +400,7 @@ def sft_doc(rng: random.Random, world: World) -> dict:
 def dpo_doc(rng: random.Random, world: World) -> dict:
     zh = rng.random() < 0.5
     if rng.random() < 0.5:
-        person = rng.choice(world.people)
-        q, good, kind = fact_qa(rng, world, person, zh)
+        q, good, person, kind = fact_qa(rng, world, zh)
         bad = wrong_fact(rng, world, person, kind, zh)
     else:
         op, a, b, r = problem(rng)
@@ -389,7 +470,7 @@ def rlaif_doc(rng: random.Random, world: World) -> dict:
         op, a, b, r = problem(rng)
         q, answer = _rlaif_question(rng, op, a, b, zh), str(r)
     else:
-        p = rng.choice(world.people)
+        p = rng.choice([p for p in world.people if not is_held_out_fact(p, 0)])
         city = world.places[p.city]
         q, answer = ((f"{p.zh}住在哪里？只回答地名。", city.zh) if zh
                      else (f"Where does {p.en} live? Answer with the place name only.", city.en))
@@ -404,8 +485,9 @@ def eval_rows(rng: random.Random, world: World, n: int) -> list[list[str]]:
     for i in range(n):
         zh = rng.random() < 0.5
         if rng.random() < 0.6:
-            p = rng.choice(world.people)
-            kind = rng.randrange(3)
+            p, kind = askable_fact(rng, world)
+            while kind >= 3:  # city, job, colour: the kinds with a fixed set of options
+                p, kind = askable_fact(rng, world)
             pools = [[x.zh if zh else x.en for x in world.places], [j[zh] for j in JOBS], [c[zh] for c in COLOURS]]
             right = pools[kind][[p.city, p.job, p.colour][kind]]
             name = p.zh if zh else p.en
