@@ -111,7 +111,12 @@ class Optimizers:
 
     def __init__(self, **optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers.values() for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read live: an optimizer's load_state_dict replaces its group dicts, and a list kept from before
+        # would take the schedule's lr while the optimizers stepped with the one saved (an inexact resume)
+        return [g for o in self.optimizers.values() for g in o.param_groups]
 
     def step(self, closure=None):
         for o in self.optimizers.values():

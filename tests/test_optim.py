@@ -121,3 +121,15 @@ def test_a_muon_run_trains_resumes_and_refuses_the_other_optimizer(pretrain_data
     assert rc == 2 and "--optim muon" in err, err[-2000:]
     rc, err = train_inproc(*args, "--max-steps", 14, "--out", out, "--resume")
     assert rc == 0 and (out / "step-14").is_dir(), err[-2000:]
+
+
+def test_the_schedules_lr_reaches_the_optimizers_after_a_resume():
+    """load_state_dict replaces each optimizer's group dicts: the lr the schedule writes through
+    Optimizers.param_groups must still reach them (it did not: a resumed Muon run stepped at the saved lr)."""
+    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", kernels="torch"))
+    opt = build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, device=torch.device("cpu"))
+    assert isinstance(opt, Optimizers)
+    opt.load_state_dict(opt.state_dict())
+    for group in opt.param_groups:
+        group["lr"] = 5e-5
+    assert all(g["lr"] == 5e-5 for o in opt.optimizers.values() for g in o.param_groups)
