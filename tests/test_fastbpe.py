@@ -85,7 +85,7 @@ def test_a_disagreeing_fast_encoder_falls_back_to_tokenizers(tmp_path, tokenizer
     src = synth_dir / "sft.jsonl"
     slow = prepare("sft", src, tokenizer_dir, tmp_path / "slow", workers=1, progress=False, fast=False)
     prepare_module._encoder.cache_clear()
-    enc = prepare_module._encoder("sft", str(tokenizer_dir.resolve()), 512, 10.0, True)
+    enc = prepare_module._encoder("sft", str(tokenizer_dir.resolve()), 512, 10.0, True, "minimind")  # prepare's key
     real = enc.fast.encode
     monkeypatch.setattr(enc.fast, "encode", lambda text: real(text)[::-1])  # wrong ids
     try:
