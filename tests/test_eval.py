@@ -32,18 +32,25 @@ def _model(untied=True) -> MiniMindForCausalLM:
                                                        kernels="torch")).eval()
 
 
-@pytest.fixture(scope="module")
-def always_c_ckpt(tokenizer_dir, tmp_path_factory):
+def always_says(token_id: int) -> MiniMindForCausalLM:
+    """A `tiny` model whose every next token is `token_id`: attention and MLP outputs zeroed, so the last
+    hidden state is the normalised embedding, whose large coordinate 0 the untied lm_head reads into
+    that one token's logit."""
     model = _model()
-    c_id = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode("C", add_special_tokens=False).ids[0]
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.zero_()
         model.model.embed_tokens.weight[:, 0] = 5.0
         model.lm_head.weight.zero_()
-        model.lm_head.weight[c_id, 0] = 10.0
-    return save_checkpoint(tmp_path_factory.mktemp("always_c") / "ckpt", model, tokenizer_dir=tokenizer_dir)
+        model.lm_head.weight[token_id, 0] = 10.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def always_c_ckpt(tokenizer_dir, tmp_path_factory):
+    c_id = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode("C", add_special_tokens=False).ids[0]
+    return save_checkpoint(tmp_path_factory.mktemp("always_c") / "ckpt", always_says(c_id), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

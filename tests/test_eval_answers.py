@@ -5,15 +5,13 @@ position's logits favour the token "7", so with --max-new-tokens 1 every reply i
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from minimind.checkpoint import save_checkpoint
 from minimind.cli import main
-from minimind.config import ModelConfig
 from minimind.eval import EvalDataError
 from minimind.eval.answers import is_match, normalize, read_questions
-from minimind.model import MiniMindForCausalLM
+from tests.test_eval import always_says
 
 
 def test_exact_match_can_fail():
@@ -62,20 +60,10 @@ def test_reads_rlaif_lines_and_names_the_bad_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def always_7_ckpt(tokenizer_dir, tmp_path_factory):
-    """Attention and MLP outputs zeroed: the last hidden state is the normalised embedding, whose large
-    coordinate 0 the untied lm_head reads into the logit of "7" only."""
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(ModelConfig.from_preset("tiny", ["tie_word_embeddings=False"], kernels="torch"))
     seven = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode("7", add_special_tokens=False).ids
     assert len(seven) == 1
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        model.model.embed_tokens.weight[:, 0] = 5.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[seven[0], 0] = 10.0
-    return save_checkpoint(tmp_path_factory.mktemp("always_7") / "ckpt", model, tokenizer_dir=tokenizer_dir)
+    return save_checkpoint(tmp_path_factory.mktemp("always_7") / "ckpt", always_says(seven[0]),
+                           tokenizer_dir=tokenizer_dir)
 
 
 def test_eval_answers_end_to_end(always_7_ckpt, tmp_path, capsys):
