@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=positive_int, default=6400)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="replace an existing tokenizer in --out")
+    p.add_argument("--split-digits", action="store_true", help="every digit its own token (numbers compose)")
+    p.add_argument("--split-cjk", action="store_true", help="every CJK ideograph its own token")
 
     p = sub.add_parser("prepare", help="tokenize jsonl into memory-mapped training data")
     p.add_argument("--stage", required=True, choices=DATA_KINDS)

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from minimind.cli import main
+from minimind.data.fastbpe import load_fast
 from minimind.data.tokenizer import (
     CHAT_TEMPLATE,
     ChatRenderer,
@@ -162,3 +163,22 @@ def test_cli(synth_dir, tmp_path, capsys):
     bad.write_bytes(b'{"text": "\xff"}\n')
     assert main(["tokenizer", "--input", str(bad), "--out", str(tmp_path / "t2")]) == 2
     assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_split_digits_and_cjk_make_numbers_and_ideographs_compose(synth_dir, tmp_path, capsys):
+    files = [synth_dir / "pretrain.jsonl", synth_dir / "sft.jsonl"]
+    whole = load_tokenizer(train_tokenizer(files, vocab_size=6400, out=tmp_path / "whole"))
+    assert main(["tokenizer", "--input", *map(str, files), "--vocab-size", "6400", "--out", str(tmp_path / "split"),
+                 "--split-digits", "--split-cjk"]) == 0
+    split = AutoTokenizer.from_pretrained(str(tmp_path / "split"))  # stock transformers reads the pre-tokenizer
+    pieces = lambda tok, text: [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]  # noqa: E731
+    # trained on the same text, the plain tokenizer learns whole numbers and multi-character Chinese tokens
+    assert "58" in pieces(whole, "7 + 51 = 58.") or " 58" in pieces(whole, "7 + 51 = 58.")
+    assert any(len(p) > 1 for p in pieces(whole, "最喜欢红色") if "\ufffd" not in p)
+    assert pieces(split, "7 + 51 = 58.") == ["7", " +", " ", "5", "1", " =", " ", "5", "8", "."]
+    zh = pieces(split, "最喜欢红色，12岁")
+    assert [p for p in zh if p.strip()] == ["最", "喜", "欢", "红", "色", "，", "1", "2", "岁"]
+    for text in TEXTS + ["3.14159 and ２０２６ and 一二三"]:
+        assert split.decode(split.encode(text, add_special_tokens=False)) == text
+    fast, why = load_fast(tmp_path / "split")  # prepare encodes it with tokenizers itself
+    assert fast is None and "not GPT-2 byte-level" in why

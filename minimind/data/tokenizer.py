@@ -23,6 +23,8 @@ SPECIAL = (PAD, IM_START, IM_END)
 # 200k-character line without spaces took 26 s; 1M did not finish), so longer texts are cut: at 1024,
 # 10M characters on one line train about as fast as the same text in 100-character lines.
 MAX_PIECE_CHARS = 1024
+# the ideographs `split_cjk` isolates: CJK Unified Ideographs, Extension A, and Compatibility Ideographs
+CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 
 # ChatML; `reasoning_content` renders as <think>\n...\n</think>\n before the content (SPEC §3).
 CHAT_TEMPLATE = (
@@ -89,12 +91,17 @@ def lone_surrogate(raw: bytes, texts: list) -> str | None:
     return None
 
 
-def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, force: bool = False) -> Path:
+def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, force: bool = False,
+                    split_digits: bool = False, split_cjk: bool = False) -> Path:
     """Trains byte-level BPE on the jsonl `files` and writes a transformers-loadable directory `out`.
 
     A non-empty `out` is refused unless `force`, which replaces the tokenizer files in it.
+    `split_digits` makes every digit its own token and `split_cjk` every CJK ideograph (as Llama and
+    DeepSeek do for digits): on a small corpus BPE otherwise learns whole numbers and whole Chinese
+    sentences as single tokens, so "37 + 45" and a sentence it never saw share no pieces with what it
+    did see. Either one leaves `prepare`'s tiktoken fast path (fastbpe.py) for tokenizers' own encoder.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL) + len(TAGS):
         raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus 7 special tokens")
@@ -104,6 +111,10 @@ def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, for
         raise TokenizerError(f"--out {out}: {what}; pass --force to replace it")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    splits = [pre_tokenizers.Split(Regex(CJK), behavior="isolated")] if split_cjk else []
+    splits += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    if splits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -291,7 +302,8 @@ def _raise_template_error(message):
 def run(args) -> int:
     """`minimind tokenizer --input FILE... --vocab-size N --out DIR`."""
     try:
-        out = train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out, force=args.force)
+        out = train_tokenizer(args.input, vocab_size=args.vocab_size, out=args.out, force=args.force,
+                              split_digits=args.split_digits, split_cjk=args.split_cjk)
     except (TokenizerError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         print(f"minimind tokenizer: {e}", file=sys.stderr)
         return 2
