@@ -107,8 +107,8 @@ def test_held_out_arithmetic_is_disjoint_from_every_file(synth_dir):
     corpus = "".join((synth_dir / f).read_text(encoding="utf-8") for f in FILES)
     written = {(WORD_OP.get(op, op), int(a), int(b)) for a, op, b in PROBLEM.findall(corpus)}
     assert len(written) > 500 and not any(is_held_out(*p) for p in written)
-    prompts = arithmetic_prompts(seed=1, n=200)
-    assert len({q for q, _ in prompts}) == 200
+    prompts = arithmetic_prompts(seed=1, n=80)  # of the ~88 held-out problems
+    assert len({q for q, _ in prompts}) == 80
     for q, answer in prompts:
         (a, op, b), = PROBLEM.findall(q)
         op = WORD_OP.get(op, op)
