@@ -65,6 +65,10 @@ class Dist:
 
     def cleanup(self):
         if self.enabled and dist.is_initialized():
+            # every rank past its last save and collective before any tears the group down: a rank that
+            # left early once killed its peer's gloo thread mid-exchange ("terminate called without an
+            # active exception", exit 250, after a DeepSpeed run had saved its last step)
+            dist.barrier()
             dist.destroy_process_group()
 
 
