@@ -112,12 +112,28 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+NOISE_BITS = 23  # (k + 0.5) needs NOISE_BITS + 1 significant bits: fp32 has 24
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """Integers k in [0, 2**23) -> (k + 0.5) / 2**23 in fp32, every step exact: k + 0.5 fits fp32's 24
+    significant bits and the scale is a power of two. So the values lie in [2**-24, 1 - 2**-24], strictly
+    inside (0, 1), and -log(-log(u)) is finite for every one of them (tests check all 2**23). With 24 bits
+    (as before 2026-12-07) the largest, (2**24 - 0.5) / 2**24, rounded to exactly 1.0: infinite noise."""
+    return (bits.float() + 0.5) * (1.0 / (1 << NOISE_BITS))
+
+
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, V) floats in (0, 1), a pure function of (seed[b], step[b], vocab id)."""
+    """(B, V) floats strictly inside (0, 1), a pure function of (seed[b], step[b], vocab id)."""
     key = _mix(seed * _GOLDEN + _mix(step + 1))  # (B,)
     ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     x = _mix(key.unsqueeze(1) + ids.unsqueeze(0) * _GOLDEN)  # (B, V)
-    return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits: exact in fp32
+    return unit_interval(_shr(x, 64 - NOISE_BITS))  # the hash's top bits
+
+
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, V) standard Gumbel noise, finite everywhere (see unit_interval)."""
+    return -torch.log(-torch.log(uniform_noise(seed, step, vocab)))
 
 
 def apply_penalties(logits, bp: BatchParams, counts, seen):
@@ -155,8 +171,9 @@ def sample(logits, bp: BatchParams, steps, counts=None, seen=None):
     scaled = logits / torch.where(temp > 0, temp, 1.0)
     if bp.any_top:
         scaled = top_k_top_p_mask(scaled, bp.top_k, bp.top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(bp.seed, steps, logits.shape[-1])))
-    drawn = (scaled + gumbel).argmax(dim=-1)
+    noisy = scaled + gumbel_noise(bp.seed, steps, logits.shape[-1])
+    # a masked token stays masked whatever its noise (-inf + inf would be NaN, which argmax takes)
+    drawn = noisy.masked_fill(scaled == float("-inf"), float("-inf")).argmax(dim=-1)
     return torch.where(bp.temperature > 0, drawn, greedy)
 
 
