@@ -162,6 +162,21 @@ def tokenizer_dir(ckpt) -> Path | None:
     return None
 
 
+def checkpoint_inputs(ckpt, flag: str) -> list[tuple[str, Path]]:
+    """Every path a command reads through `ckpt` (given as `flag`), labelled for messages: the path as given,
+    the checkpoint a run dir resolves to, a LoRA adapter's base, the tokenizer's directory. What an output
+    must stay clear of (outputs.check_output)."""
+    src = resolve_checkpoint(ckpt)
+    found = [(flag, Path(ckpt)), (f"the checkpoint of {flag}", src)]
+    if is_lora_checkpoint(src):
+        base = Path(read_adapter_config(src)["base_checkpoint"])
+        found += [(f"the base checkpoint of {flag}", p) for p in (base, resolve_checkpoint(base))]
+    tok = tokenizer_dir(src)
+    if tok is not None:
+        found.append((f"the tokenizer of {flag}", tok))
+    return found
+
+
 def _complete(p: Path) -> bool:
     return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
         (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
