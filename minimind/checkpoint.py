@@ -62,18 +62,24 @@ def atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     try:
         fill(tmp)
         _fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Renames the finished directory `tmp` to `target`. An existing `target` is moved aside first and removed
+    only after the rename (a kill in between leaves `.old-NAME-PID`, which rundir.remove_leftovers puts back)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,7 +147,7 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory with {CONFIG_FILE})")
     if (path / CONFIG_FILE).exists() or is_lora_checkpoint(path):
         return path
-    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and _complete(p))
+    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p))
     if not steps:
         raise CheckpointError(f"{path}: neither a checkpoint ({CONFIG_FILE} missing) nor a run with step-N checkpoints")
     return steps[-1][1]
@@ -177,7 +183,8 @@ def checkpoint_inputs(ckpt, flag: str) -> list[tuple[str, Path]]:
     return found
 
 
-def _complete(p: Path) -> bool:
+def is_complete(p: Path) -> bool:
+    """Has the files a checkpoint is loaded from (a step-N a killed or damaged run left without them has not)."""
     return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
         (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
     )
