@@ -27,16 +27,7 @@ def check_output(out, *, flag: str, inputs: Iterable[tuple[str, Path | None]], f
     (for a directory: a non-empty one) only with `force`.
     """
     out = Path(out)
-    target = out.resolve()
-    for label, path in inputs:
-        if path is None:
-            continue
-        src = Path(path).resolve()
-        how = "is" if target == src else "is inside" if src in target.parents else "contains" if (
-            target in src.parents) else None
-        if how is not None:
-            raise OutputError(f"{flag} {out}: {how} {label} {path}, which this command reads; "
-                              "pick a path outside it (--force never replaces an input)")
+    check_apart(out, flag=flag, inputs=inputs)
     if not out.exists() and not out.is_symlink():
         return
     if directory and not out.is_dir():
@@ -47,6 +38,20 @@ def check_output(out, *, flag: str, inputs: Iterable[tuple[str, Path | None]], f
         return
     if not force:
         raise OutputError(f"{flag} {out}: already exists; pass --force to replace it")
+
+
+def check_apart(out, *, flag: str, inputs: Iterable[tuple[str, Path | None]]) -> None:
+    """Raises OutputError when `out` is, sits inside or holds one of `inputs` ((label, path) pairs)."""
+    target = Path(out).resolve()
+    for label, path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        how = "is" if target == src else "is inside" if src in target.parents else "contains" if (
+            target in src.parents) else None
+        if how is not None:
+            raise OutputError(f"{flag} {out}: {how} {label} {path}, which this command reads; "
+                              "pick a path outside it (--force never replaces an input)")
 
 
 def carry_over(old: Path, new: Path, *, owned: Iterable[str]) -> list[str]:

@@ -33,6 +33,7 @@ from minimind.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     atomic_dir,
+    checkpoint_inputs,
     copy_tokenizer,
     is_complete,
     load_error,
@@ -43,6 +44,7 @@ from minimind.checkpoint import (
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.grpo import GRPOSetup
 from minimind.optim import build_optimizer
+from minimind.outputs import OutputError, check_apart
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.stages import Setup
@@ -108,6 +110,8 @@ class Trainer:
         self.owns_contents = False  # everything in --out is this run's (a fresh run into an empty dir)
         self.step = 0
         self.saved_step = None  # the step whose checkpoint this process wrote (or resumed from)
+        if not self.cfg.resume:  # a resumed run's directory was checked when it started
+            self._check_out_apart()
         notes = self.run_dir.claim() if self.dist.is_main else []
         self.dist.barrier()
         try:
@@ -189,6 +193,23 @@ class Trainer:
                 raise UsageError(f"--out {self.out} holds a run that saved no checkpoint, so there is nothing to "
                                  "--resume; remove that directory or pick a new DIR")
             raise UsageError(f"--out {self.out} is not empty; pass --resume to continue that run or pick a new DIR")
+
+    def _check_out_apart(self):
+        """A new --out may not be or sit inside a path the run reads (a checkpoint, the data); one that holds
+        an input is not empty, which _check_out_dir refuses. Before claim(), which creates the directory."""
+        inputs = []
+        for field in ("init", "ref", "teacher", "data", "val_data", "tokenizer", "deepspeed"):
+            path, flag = getattr(self.cfg, field), "--" + field.replace("_", "-")
+            if path is None:
+                continue
+            try:
+                inputs += checkpoint_inputs(path, flag) if field in ("init", "ref", "teacher") else [(flag, path)]
+            except CheckpointError:  # named where the checkpoint is loaded
+                inputs.append((flag, path))
+        try:
+            check_apart(self.out, flag="--out", inputs=inputs)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
 
     def _seed(self, seed: int):
         random.seed(seed)

@@ -242,3 +242,24 @@ def test_check_output_compares_resolved_paths(tmp_path):
     with pytest.raises(OutputError, match="contains --data"):
         check_output(tmp_path / "link", flag="--out", inputs=[("--data", data)], force=True, directory=True)
     check_output(tmp_path / "new.json", flag="--report", inputs=[("--data", data)])  # apart and new: fine
+
+
+# --------------------------------------------------------------------- tokenizer and train
+def test_tokenizer_out_holding_its_input_is_refused_even_with_force(synth_dir, tmp_path, capsys):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(synth_dir / "sft.jsonl", data / "tokenizer.json")  # a name the tokenizer writes
+    before = _snapshot(data)
+    assert main(["tokenizer", "--input", str(data / "tokenizer.json"), "--vocab-size", "300", "--out", str(data),
+                 "--force"]) == 2
+    assert f"--out {data}: contains --input" in _err(capsys) and _snapshot(data) == before
+
+
+def test_train_out_inside_the_init_checkpoint_is_refused(ckpt, synth_dir, capsys):
+    from tests.test_train import train_inproc
+
+    before = _snapshot(ckpt)
+    rc, err = train_inproc("--stage", "sft", "--init", ckpt, "--data", synth_dir / "sft.jsonl", "--max-steps", 1,
+                           "--batch-size", 2, "--seq-len", 32, "--device", "cpu", "--out", ckpt / "sft")
+    assert rc == 2 and f"--out {ckpt / 'sft'}: is inside --init {ckpt}" in err, err[-2000:]
+    assert _snapshot(ckpt) == before and not (ckpt / "sft").exists() and not (ckpt / ".minimind-cache").exists()
