@@ -48,12 +48,12 @@ def test_tokenizer_training(benchmark, corpus, tmp_path):
 
 
 def _minimind_prepare(src, tok, out, workers):
-    return lambda: prepare("sft", src, tok, out, workers=workers, progress=False)
+    return lambda: prepare("sft", src, tok, out, workers=workers, progress=False, force=True)  # round 2 replaces 1's
 
 
 def _minimind_tokenizers_prepare(src, tok, out, workers):
     """The same pipeline with tokenizers as the encoder instead of tiktoken (same ids; fastbpe.py)."""
-    return lambda: prepare("sft", src, tok, out, workers=workers, progress=False, fast=False)
+    return lambda: prepare("sft", src, tok, out, workers=workers, progress=False, fast=False, force=True)
 
 
 def _transformers_prepare(src, tok, _out, _workers):

@@ -62,18 +62,24 @@ def atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     try:
         fill(tmp)
         _fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Renames the finished directory `tmp` to `target`. An existing `target` is moved aside first and removed
+    only after the rename (a kill in between leaves `.old-NAME-PID`, which rundir.remove_leftovers puts back)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,7 +147,7 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"{path}: not a directory (a checkpoint is a directory with {CONFIG_FILE})")
     if (path / CONFIG_FILE).exists() or is_lora_checkpoint(path):
         return path
-    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and _complete(p))
+    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p))
     if not steps:
         raise CheckpointError(f"{path}: neither a checkpoint ({CONFIG_FILE} missing) nor a run with step-N checkpoints")
     return steps[-1][1]
@@ -162,7 +168,23 @@ def tokenizer_dir(ckpt) -> Path | None:
     return None
 
 
-def _complete(p: Path) -> bool:
+def checkpoint_inputs(ckpt, flag: str) -> list[tuple[str, Path]]:
+    """Every path a command reads through `ckpt` (given as `flag`), labelled for messages: the path as given,
+    the checkpoint a run dir resolves to, a LoRA adapter's base, the tokenizer's directory. What an output
+    must stay clear of (outputs.check_output)."""
+    src = resolve_checkpoint(ckpt)
+    found = [(flag, Path(ckpt)), (f"the checkpoint of {flag}", src)]
+    if is_lora_checkpoint(src):
+        base = Path(read_adapter_config(src)["base_checkpoint"])
+        found += [(f"the base checkpoint of {flag}", p) for p in (base, resolve_checkpoint(base))]
+    tok = tokenizer_dir(src)
+    if tok is not None:
+        found.append((f"the tokenizer of {flag}", tok))
+    return found
+
+
+def is_complete(p: Path) -> bool:
+    """Has the files a checkpoint is loaded from (a step-N a killed or damaged run left without them has not)."""
     return ((p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists()) or (
         (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
     )

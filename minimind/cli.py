@@ -192,6 +192,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--dtype", choices=DTYPES, help="default: as saved (float32)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
+    p.add_argument("--force", action="store_true", help="replace an existing --report file (never an input)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=positive_int, default=512)
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
+    p.add_argument("--force", action="store_true",
+                   help="replace prepared data already in --out (files prepare does not write stay)")
     p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
     p.add_argument("--doc-format", choices=("minimind", "eos"), default="minimind",
                    help="pretrain: a document's tokens: 'minimind' = <|im_start|> text <|im_end|> (MiniMind2's "

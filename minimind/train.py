@@ -33,14 +33,18 @@ from minimind.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     atomic_dir,
+    checkpoint_inputs,
     copy_tokenizer,
+    is_complete,
     load_error,
+    publish_dir,
     read_json,
     resolve_checkpoint,
 )
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.grpo import GRPOSetup
 from minimind.optim import build_optimizer
+from minimind.outputs import OutputError, check_apart
 from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.stages import Setup
@@ -105,6 +109,9 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         self.owns_contents = False  # everything in --out is this run's (a fresh run into an empty dir)
         self.step = 0
+        self.saved_step = None  # the step whose checkpoint this process wrote (or resumed from)
+        if not self.cfg.resume:  # a resumed run's directory was checked when it started
+            self._check_out_apart()
         notes = self.run_dir.claim() if self.dist.is_main else []
         self.dist.barrier()
         try:
@@ -186,6 +193,23 @@ class Trainer:
                 raise UsageError(f"--out {self.out} holds a run that saved no checkpoint, so there is nothing to "
                                  "--resume; remove that directory or pick a new DIR")
             raise UsageError(f"--out {self.out} is not empty; pass --resume to continue that run or pick a new DIR")
+
+    def _check_out_apart(self):
+        """A new --out may not be or sit inside a path the run reads (a checkpoint, the data); one that holds
+        an input is not empty, which _check_out_dir refuses. Before claim(), which creates the directory."""
+        inputs = []
+        for field in ("init", "ref", "teacher", "data", "val_data", "tokenizer", "deepspeed"):
+            path, flag = getattr(self.cfg, field), "--" + field.replace("_", "-")
+            if path is None:
+                continue
+            try:
+                inputs += checkpoint_inputs(path, flag) if field in ("init", "ref", "teacher") else [(flag, path)]
+            except CheckpointError:  # named where the checkpoint is loaded
+                inputs.append((flag, path))
+        try:
+            check_apart(self.out, flag="--out", inputs=inputs)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
 
     def _seed(self, seed: int):
         random.seed(seed)
@@ -491,15 +515,17 @@ class Trainer:
         self._check_finite_so_far()
         self._check_finite_weights()
         self._count_tokens()
+        if self.saved_step == self.step:  # the periodic save at the last step, or the checkpoint resumed from
+            return
         if self.ds_engine is not None:
-            return self._save_deepspeed()
-        if self.dist.is_main:
-            target = self.out / f"step-{self.step}"
-            if not target.exists():
-                atomic_dir(target, self._fill_checkpoint)
-                self._prune()
-                self.log.save(self.step, target)
+            self._save_deepspeed()
+        elif self.dist.is_main:
+            # a step-N already there is an earlier run's, left incomplete (resume skipped it): replaced
+            target = atomic_dir(self.out / f"step-{self.step}", self._fill_checkpoint)
+            self._prune()
+            self.log.save(self.step, target)
         self.dist.barrier()
+        self.saved_step = self.step
 
     def _fill_checkpoint(self, tmp: Path, deepspeed: bool = False):
         self.setup.write_weights(tmp)
@@ -522,8 +548,6 @@ class Trainer:
         """Every rank writes its optimizer shard with DeepSpeed's own saver into a shared temp dir; rank
         0 adds the model files and renames the whole directory into place."""
         target = self.out / f"step-{self.step}"
-        if target.exists():
-            return
         tmp = self.out / f".tmp-{target.name}-deepspeed"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -533,15 +557,18 @@ class Trainer:
         self.dist.barrier()
         if self.dist.is_main:
             self._fill_checkpoint(tmp, deepspeed=True)
-            os.rename(tmp, target)
+            publish_dir(tmp, target)
             self._prune()
             self.log.save(self.step, target)
-        self.dist.barrier()
 
     def _prune(self):
+        """Keeps the newest --keep complete checkpoints; removes older step dirs, complete or not (an
+        incomplete one is never counted among the kept, so it cannot push out a good one)."""
         steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
-        for _, path in steps[: -self.cfg.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+        kept = [n for n, path in steps if is_complete(path)][-self.cfg.keep:]
+        for n, path in steps:
+            if kept and n < kept[0]:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self):
         ckpt = resolve_checkpoint(self.out)
@@ -590,7 +617,13 @@ class Trainer:
         self._elapsed_before = float(state.get("elapsed_s", 0.0))  # what --max-time has spent already
         self.setup.load_loader_state(state["data"])
         self.log.truncate_after(self.step)
+        self.saved_step = self.step
         self.log.message(f"resumed from {ckpt} at step {self.step}")
+        newer = sorted(p.name for p in self.out.iterdir()
+                       if (m := STEP_DIR.match(p.name)) and int(m.group(1)) > self.step)
+        if newer:  # resolve_checkpoint skipped them: they lack config.json or their weights
+            self.log.message(f"{', '.join(newer)} in {self.out}: incomplete, skipped; replaced when the run saves "
+                             "that step")
 
 
 def _read_json(file: Path) -> dict:

@@ -204,7 +204,7 @@ def test_tokenizer_mismatch_and_broken_dirs(tmp_path, tokenizer_dir, shared_dir)
     tokens.write_bytes(tokens.read_bytes()[:-2])
     with pytest.raises(DataError, match="tokens.bin: .* truncated"):
         open_prepared(out)
-    out = prepare("sft", _write(tmp_path, [GOOD]), tokenizer_dir, out, workers=1, progress=False)
+    out = prepare("sft", _write(tmp_path, [GOOD]), tokenizer_dir, out, workers=1, progress=False, force=True)
     (out / "weights.bin").unlink()
     with pytest.raises(DataError, match="weights.bin: missing"):
         open_prepared(out)
@@ -213,7 +213,11 @@ def test_tokenizer_mismatch_and_broken_dirs(tmp_path, tokenizer_dir, shared_dir)
 def test_replaces_prepared_dir_but_not_other_dirs(tmp_path, tokenizer_dir):
     src = _write(tmp_path, [GOOD])
     out = prepare("sft", src, tokenizer_dir, tmp_path / "p", workers=1, progress=False)
-    prepare("sft", _write(tmp_path, [GOOD, GOOD], "two.jsonl"), tokenizer_dir, out, workers=1, progress=False)
+    with pytest.raises(PrepareError, match="--force"):
+        prepare("sft", _write(tmp_path, [GOOD, GOOD], "two.jsonl"), tokenizer_dir, out, workers=1, progress=False)
+    assert open_prepared(out).num_docs == 1
+    prepare("sft", _write(tmp_path, [GOOD, GOOD], "two.jsonl"), tokenizer_dir, out, workers=1, progress=False,
+            force=True)
     assert open_prepared(out).num_docs == 2
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -142,7 +142,7 @@ def test_export_needs_force_for_non_empty_dir(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(out) in err and "--force" in err and (out / "keep.txt").exists()
     assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "keep.txt").read_text() == "user file" and (out / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,38 @@ def test_resume_cleans_what_a_killed_checkpoint_write_left(run, data, tmp_path, 
     assert names == ["step-3", "step-6", "step-7"], names
 
 
+# --------------------------------------------------------------------- issue 25: an incomplete newest step
+def test_resume_replaces_an_incomplete_newest_step_with_what_it_trained(run, data, tmp_path):
+    """e630cdd resumed from step-3, trained 4-6, found step-6/ there, saved nothing and exited 0."""
+    from safetensors.torch import load_file
+
+    from minimind.checkpoint import load_checkpoint
+
+    resumed = copy_run(run, tmp_path)
+    (resumed / "step-6" / "model.safetensors").unlink()
+    rc, err = train_inproc(*pretrain(data, "--max-steps", 6, "--keep", 5), "--out", resumed, "--resume")
+    assert rc == 0, err[-2000:]
+    _, ckpt = load_checkpoint(resumed)
+    assert ckpt == resumed / "step-6"
+    assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["step"] == 6
+    want, got = load_file(run / "step-6" / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:  # CPU fp32 runs resume bit for bit: steps 4-6 again give the same weights
+        assert got[name].equal(want[name]), name
+
+
+def test_an_incomplete_newer_step_never_pushes_out_a_good_checkpoint(run, data, tmp_path):
+    """--keep 1 counted the broken step-6 as the newest and deleted the step-5 just saved."""
+    from minimind.checkpoint import resolve_checkpoint
+
+    resumed = copy_run(run, tmp_path)
+    (resumed / "step-6" / "model.safetensors").unlink()
+    rc, err = train_inproc(*pretrain(data, "--max-steps", 5, "--keep", 1), "--out", resumed, "--resume")
+    assert rc == 0, err[-2000:]
+    assert resolve_checkpoint(resumed) == resumed / "step-5"
+    assert not (resumed / "step-3").exists()
+
+
 # --------------------------------------------------------------------- papercuts
 def test_vocab_size_auto_fits_the_tokenizer_and_resumes(data, tokenizer_dir, tmp_path):
     from minimind.data.tokenizer import load_tokenizer

@@ -43,6 +43,7 @@ from minimind.data.tokenizer import (
     read_tokenizer,
     tokenizer_fingerprint,
 )
+from minimind.outputs import OutputError, carry_over, check_output
 from minimind.recipes import DATA, DATA_KINDS
 
 FORMAT_VERSION = 1
@@ -54,6 +55,8 @@ CHECK_TEXTS = 4  # texts of every block the fast encoder's ids are checked again
 # a pretrain document's tokens: "minimind" (the default): <|im_start|> text <|im_end|>, as MiniMind2's
 # PretrainDataset writes them (README, "our document layout"); "eos": text <|endoftext|>, ours before
 DOC_FORMATS = ("minimind", "eos")
+# every file a prepared directory may hold: what --force replaces (a user's other files in --out stay)
+PREPARED_FILES = ("tokens.bin", "offsets.bin", "weights.bin", "prompt_lens.bin", "answers.jsonl", "meta.json")
 
 
 class PrepareError(ValueError):
@@ -460,8 +463,10 @@ def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
 
 def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: int = 512, workers: int = 2,
             skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True,
-            doc_format: str = "minimind") -> Path:
+            doc_format: str = "minimind", force: bool = False) -> Path:
     """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`.
+
+    An existing prepared `out` is replaced only with `force`; a directory holding anything else is refused.
 
     `doc_format` (pretrain): a document's tokens, one of DOC_FORMATS.
     `fast=False` encodes with tokenizers even where tiktoken gives the same ids (fastbpe.py).
@@ -469,7 +474,7 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
     from tqdm import tqdm
 
     input, tokenizer, out = Path(input), Path(tokenizer), Path(out)
-    _check_args(stage, input, tokenizer, out, max_seq_len, workers)
+    _check_args(stage, input, tokenizer, out, max_seq_len, workers, force)
     if doc_format not in DOC_FORMATS:
         raise PrepareError(f"--doc-format: {doc_format!r} is not one of {', '.join(DOC_FORMATS)}")
     settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast, doc_format),
@@ -498,7 +503,7 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
     return out
 
 
-def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int, workers: int) -> None:
+def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int, workers: int, force: bool) -> None:
     if stage not in DATA_KINDS:
         raise PrepareError(f"--stage: {stage!r} is not one of {', '.join(DATA_KINDS)}")
     if not input.is_file():
@@ -507,15 +512,16 @@ def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int
         raise PrepareError(f"{tokenizer}: not a tokenizer directory (no tokenizer.json)")
     if max_seq_len < 8 or workers < 1:
         raise PrepareError(f"--max-seq-len must be >= 8 and --workers >= 1, got {max_seq_len} and {workers}")
-    target = out.resolve()
-    for flag, path in (("--input", input), ("--tokenizer", tokenizer)):
-        if target == path.resolve() or target in path.resolve().parents:  # replacing --out would delete it
-            how = "is" if target == path.resolve() else "contains"
-            raise PrepareError(f"--out {out}: {how} {flag} {path}; pick another directory")
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
-        raise PrepareError(f"{out}: exists, is not empty and is not prepared data; refusing to overwrite it")
+    try:  # never an input, even with --force
+        check_output(out, flag="--out", inputs=[("--input", input), ("--tokenizer", tokenizer)], force=True,
+                     directory=True)
+    except OutputError as e:
+        raise PrepareError(str(e)) from None
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "meta.json").is_file():
+            raise PrepareError(f"{out}: exists, is not empty and is not prepared data; refusing to overwrite it")
+        if not force:
+            raise PrepareError(f"--out {out}: already holds prepared data; pass --force to replace it")
 
 
 def _check_result(input: Path, writer: _Writer) -> None:
@@ -555,8 +561,10 @@ def _meta(stage, input: Path, tokenizer: Path, max_seq_len, tag_weight, enc: _En
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Renames the finished directory into place, replacing an older prepared `out`."""
+    """Renames the finished directory into place, replacing an older prepared `out` (but not files that
+    prepare does not write)."""
     if out.exists():
+        carry_over(out, tmp, owned=PREPARED_FILES)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
         os.rename(tmp, out)
@@ -570,7 +578,7 @@ def run(args) -> int:
     try:
         out = prepare(args.stage, args.input, args.tokenizer, args.out, max_seq_len=args.max_seq_len,
                       workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0),
-                      doc_format=getattr(args, "doc_format", "minimind"))
+                      doc_format=getattr(args, "doc_format", "minimind"), force=getattr(args, "force", False))
     except PrepareError as e:
         print(f"minimind prepare: {e}", file=sys.stderr)
         return 2

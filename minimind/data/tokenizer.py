@@ -14,6 +14,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from minimind.outputs import OutputError, check_output
+
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -106,6 +108,10 @@ def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, for
     if vocab_size < 256 + len(SPECIAL) + len(TAGS):
         raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus 7 special tokens")
     files, out = [Path(f) for f in files], Path(out)
+    try:  # never over an input, even with --force
+        check_output(out, flag="--out", inputs=[("--input", f) for f in files], force=True, directory=True)
+    except OutputError as e:
+        raise TokenizerError(str(e)) from None
     if out.is_dir() and any(out.iterdir()) and not force:
         what = "holds a tokenizer" if (out / "tokenizer.json").exists() else "is not empty"
         raise TokenizerError(f"--out {out}: {what}; pass --force to replace it")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import load_checkpoint
+from minimind.checkpoint import checkpoint_inputs, load_checkpoint
+from minimind.outputs import check_output
 
 
 class EvalDataError(ValueError):
@@ -43,6 +44,15 @@ def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None):
 def special_token(tok_config: dict, role: str) -> str | None:
     token = tok_config.get(f"{role}_token")
     return token.get("content") if isinstance(token, dict) else token
+
+
+def check_report(args, inputs: list[tuple[str, Path | None]]) -> None:
+    """Before any work: `--report` must not be or sit inside the checkpoint (its base, its tokenizer) or
+    another input (`inputs`), and replaces an existing file only with `--force`. Raises OutputError, or
+    CheckpointError for a --ckpt that cannot be resolved."""
+    if args.report is not None:
+        check_output(args.report, flag="--report", inputs=[*checkpoint_inputs(args.ckpt, "--ckpt"), *inputs],
+                     force=args.force)
 
 
 def write_report(report: dict, path: Path | None) -> None:

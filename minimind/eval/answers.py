@@ -20,7 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from minimind.checkpoint import CheckpointError
-from minimind.eval import EvalDataError, pick_device, write_report
+from minimind.eval import EvalDataError, check_report, pick_device, write_report
+from minimind.outputs import OutputError
 
 _INTEGER = re.compile(r"-?\d+")
 _TRAILING = ".。!！"
@@ -125,10 +126,11 @@ def run(args) -> int:
     from infer.engine import Engine
 
     try:
+        check_report(args, [("--data", args.data)])
         questions = read_questions(args.data)
         engine = Engine.from_checkpoint(args.ckpt, device=pick_device(args.device), dtype=args.dtype,
                                         max_batch=args.batch_size)
-    except (EvalDataError, CheckpointError, OSError) as e:
+    except (EvalDataError, CheckpointError, OutputError, OSError) as e:
         print(f"minimind eval answers: {e}", file=sys.stderr)
         return 2
     report = evaluate(engine, questions, max_new_tokens=args.max_new_tokens, samples=args.samples)

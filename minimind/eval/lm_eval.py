@@ -24,14 +24,20 @@ except ImportError as e:  # an optional (dev) dependency: say how to get it
     raise ImportError("minimind eval lm-eval needs lm-evaluation-harness: pip install lm-eval") from e
 
 from minimind.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from minimind.eval import pick_device, write_report
+from minimind.eval import check_report, pick_device, write_report
 from minimind.eval.ppl import windows
+from minimind.outputs import OutputError
 
 
 def run(args) -> int:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    try:
+        check_report(args, [("--include-path", args.include_path)])
+    except (CheckpointError, OutputError) as e:
+        print(f"minimind eval lm-eval: {e}", file=sys.stderr)
+        return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     manager = None
     if args.include_path is not None:  # indexing lm-eval's thousands of built-in yamls takes ~20 s: skip if we can

@@ -18,17 +18,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimind.checkpoint import CheckpointError
-from minimind.eval import EvalDataError, load_for_eval, special_token, write_report
+from minimind.eval import EvalDataError, check_report, load_for_eval, special_token, write_report
+from minimind.outputs import OutputError
 
 
 def run(args) -> int:
     try:
+        check_report(args, [("--data", args.data)])
         docs = read_documents(args.data)
         model, tokenizer, tok_config = load_for_eval(args.ckpt, device=args.device, dtype=args.dtype)
         seq_len = min(args.seq_len, model.config.max_position_embeddings)
         report = perplexity(model, tokenizer, docs, bos=special_token(tok_config, "bos"), seq_len=seq_len,
                             batch_size=args.batch_size)
-    except (EvalDataError, CheckpointError) as e:
+    except (EvalDataError, CheckpointError, OutputError) as e:
         print(f"minimind eval ppl: {e}", file=sys.stderr)
         return 2
     report.update(ckpt=str(args.ckpt), data=str(args.data))

@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 
 from minimind.checkpoint import (
     ADAPTER_WEIGHTS,
+    TOKENIZER_FILES,
     CheckpointError,
     atomic_dir,
+    checkpoint_inputs,
     copy_tokenizer,
     is_lora_checkpoint,
     load_checkpoint,
@@ -31,10 +33,14 @@ from minimind.checkpoint import (
 )
 from minimind.config import ModelConfig
 from minimind.lora import strip_lora
+from minimind.outputs import OutputError, carry_over, check_output
 
 HF_MOE_DIR = Path(__file__).parent / "hf_moe"
 MOE_FILES = ("configuration_minimind_moe.py", "modeling_minimind_moe.py")
 PEFT_BASE_DIR = "base"
+# every name an export writes in --out (merged, MoE or peft): what --force may replace; nothing else goes
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", *MOE_FILES, *TOKENIZER_FILES,
+                "adapter_config.json", "adapter_model.safetensors", PEFT_BASE_DIR)
 
 
 class ExportError(Exception):
@@ -44,7 +50,7 @@ class ExportError(Exception):
 def run(args) -> int:
     try:
         out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force)
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, ExportError, OutputError) as e:
         print(f"minimind export: {e}", file=sys.stderr)
         return 2
     print(f"minimind export: wrote {out}")
@@ -52,11 +58,11 @@ def run(args) -> int:
 
 
 def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Path:
-    """Export checkpoint (or run dir) `ckpt` to `out`; returns `out`."""
+    """Export checkpoint (or run dir) `ckpt` to `out`; returns `out`. With `force` an existing export is
+    replaced; files in `out` that export does not write stay."""
     out = Path(out)
     src = resolve_checkpoint(ckpt)
-    _check_apart(out, _inputs(ckpt, src))
-    _check_out_dir(out, force)
+    check_output(out, flag="--out", inputs=checkpoint_inputs(ckpt, "--ckpt"), force=force, directory=True)
     if lora_format not in ("merged", "peft"):
         raise ExportError(f"--lora-format {lora_format!r}: expected merged or peft")
     if lora_format == "peft":
@@ -66,33 +72,12 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
     model, _ = load_checkpoint(src, kernels="torch")
     strip_lora(model)  # merged adapters become plain Linears: stock names only
     tokenizer = tokenizer_dir(src)
-    return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
 
+    def fill(tmp: Path):
+        write_hf_model(model, tokenizer, tmp)
+        carry_over(out, tmp, owned=EXPORT_FILES)
 
-def _inputs(ckpt, src: Path) -> list[Path]:
-    """The directories export reads: --ckpt as given, the checkpoint it resolves to, a LoRA's base."""
-    inputs = [Path(ckpt), src]
-    if is_lora_checkpoint(src):
-        base = Path(read_adapter_config(src)["base_checkpoint"])
-        inputs += [base, resolve_checkpoint(base)]
-    return inputs
-
-
-def _check_apart(out: Path, inputs: list[Path]) -> None:
-    """--out must not be, contain or sit inside an input: replacing it (even with --force) would destroy that."""
-    target = out.resolve()
-    for path in inputs:
-        src = path.resolve()
-        if target == src or src in target.parents or target in src.parents:
-            how = "is" if target == src else "is inside" if src in target.parents else "contains"
-            raise ExportError(f"--out {out}: {how} {path}, which this export reads; pick a directory outside it")
-
-
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out}: directory is not empty; pass --force to replace it")
+    return atomic_dir(out, fill)
 
 
 def write_hf_model(model: torch.nn.Module, tokenizer: Path | None, out: Path) -> None:
@@ -238,6 +223,7 @@ def _export_peft(lora_ckpt: Path, out: Path) -> Path:
         _write_json(tmp / "adapter_config.json", _peft_config(cfg, (out / PEFT_BASE_DIR).resolve()))
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
+        carry_over(out, tmp, owned=EXPORT_FILES)
 
     return atomic_dir(out, fill)
 

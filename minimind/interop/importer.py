@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import CheckpointError, read_json, save_checkpoint
+from minimind.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, CheckpointError, read_json, save_checkpoint
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
+from minimind.outputs import OutputError, carry_over, check_output
 
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # buffers some MiniMind/transformers versions save; recomputed from the config, so dropped
 RECOMPUTED = re.compile(r"(^|\.)(freqs_cos|freqs_sin|rotary_emb\.inv_freq)$")
+# what an import writes in --out: what --force may replace; a user's other files there stay
+IMPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
 
 
 class ImportFormatError(Exception):
@@ -30,7 +33,8 @@ class ImportFormatError(Exception):
 
 def run(args) -> int:
     try:
-        _check_out(args.out, args.force)
+        check_output(args.out, flag="--out", inputs=[("the input", args.path), ("--tokenizer", args.tokenizer)],
+                     force=args.force, directory=True)
         if args.source == "minimind-pth":
             if args.config is None:
                 print("minimind import: --from minimind-pth needs --config PRESET (the model's size)", file=sys.stderr)
@@ -44,8 +48,9 @@ def run(args) -> int:
                 return 2
             model = import_hf(args.path)
             tokenizer = args.tokenizer or (args.path if (Path(args.path) / "tokenizer.json").is_file() else None)
-        save_checkpoint(args.out, model, tokenizer_dir=tokenizer, metadata={"imported_from": args.path})
-    except (ImportFormatError, CheckpointError, ValueError) as e:
+        save_checkpoint(args.out, model, tokenizer_dir=tokenizer, metadata={"imported_from": args.path},
+                        extra=lambda tmp: carry_over(args.out, tmp, owned=IMPORT_FILES))
+    except (ImportFormatError, CheckpointError, OutputError, ValueError) as e:
         print(f"minimind import: {e}", file=sys.stderr)
         return 2
     if tokenizer is None:
@@ -53,11 +58,6 @@ def run(args) -> int:
               file=sys.stderr)
     print(f"minimind import: wrote {args.out} ({model.num_params() / 1e6:.1f}M params)")
     return 0
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) and not force:
-        raise ImportFormatError(f"--out {out}: already exists; pass --force to replace it")
 
 
 def import_minimind_pth(file, config: ModelConfig) -> MiniMindForCausalLM:
