@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from minimind.checkpoint import (
     ADAPTER_WEIGHTS,
+    TOKENIZER_FILES,
     CheckpointError,
     atomic_dir,
     copy_tokenizer,
@@ -30,6 +31,7 @@ from minimind.checkpoint import (
     tokenizer_dir,
 )
 from minimind.config import ModelConfig
+from minimind.faults import writing
 from minimind.lora import strip_lora
 
 HF_MOE_DIR = Path(__file__).parent / "hf_moe"
@@ -66,7 +68,14 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
     model, _ = load_checkpoint(src, kernels="torch")
     strip_lora(model)  # merged adapters become plain Linears: stock names only
     tokenizer = tokenizer_dir(src)
-    return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
+    with writing("the export", out, need=lambda: _export_bytes(state_dict_for_save(model).values(), tokenizer)):
+        return atomic_dir(out, lambda tmp: write_hf_model(model, tokenizer, tmp))
+
+
+def _export_bytes(tensors, tokenizer: Path | None) -> int:
+    """About what an export takes (the full disk's message): its tensors in float32, its tokenizer files."""
+    tok = sum(f.stat().st_size for f in tokenizer.iterdir() if f.name in TOKENIZER_FILES) if tokenizer else 0
+    return sum(4 * t.numel() for t in tensors) + tok
 
 
 def _inputs(ckpt, src: Path) -> list[Path]:
@@ -239,7 +248,9 @@ def _export_peft(lora_ckpt: Path, out: Path) -> Path:
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
 
-    return atomic_dir(out, fill)
+    tensors = [*state_dict_for_save(base).values(), *adapter.values()]
+    with writing("the export", out, need=lambda: _export_bytes(tensors, tokenizer)):
+        return atomic_dir(out, fill)
 
 
 def _peft_config(cfg: dict, base_dir: Path) -> dict:
