@@ -322,7 +322,18 @@ def _handler(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     key = args.command if args.command != "eval" else f"eval {args.eval_command}"
-    return _guarded(f"minimind {key}", args)
+    return _ended(_guarded(f"minimind {key}", args), program=argv is None)
+
+
+def _ended(rc: int, program: bool) -> int:
+    """A program stopped by a signal (exit 128 + signal: its checkpoint saved or its partial output
+    removed by now) leaves at once: the interpreter's teardown of torch and friends takes seconds on a
+    busy CPU, and a second Ctrl-C means now. Called in-process (argv given), it returns as usual."""
+    if program and rc > 128:
+        from minimind.faults import exit_now
+
+        exit_now(rc)
+    return rc
 
 
 def _guarded(prog: str, args) -> int:
@@ -351,7 +362,7 @@ def train_main(argv=None) -> int:
     add_train_arguments(parser)
     args = show_defaults(parser).parse_args(argv)
     args.command = "train"
-    return _guarded("train.py", args)
+    return _ended(_guarded("train.py", args), program=argv is None)
 
 
 def run_info(args) -> int:

@@ -159,6 +159,17 @@ def interrupted_exit(prog: str, exc: BaseException, what: str = "") -> int:
     return 128 + signum
 
 
+def exit_now(code: int) -> None:
+    """Ends the process with `code` after flushing stdout and stderr, skipping the interpreter's teardown
+    (atexit handlers, module and object finalizers): for a program whose cleanup has already run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def die_with_parent(parent: int) -> None:
     """In a worker process: end when `parent` ends, however it ends (SIGKILL included). Linux has the
     kernel do it (PR_SET_PDEATHSIG); elsewhere a daemon thread watches the parent's pid."""
