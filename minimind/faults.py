@@ -12,6 +12,7 @@ blocks that remove temp directories and end worker processes also run when a com
 politely; `interrupted_exit` turns either into one line on stderr and the exit code 128 + signal.
 """
 
+import ctypes
 import errno
 import os
 import shutil
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+# libc for prctl, loaded here, before any fork: dlopen in a child forked from a threaded parent can deadlock
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # how safetensors (Rust's io::Error) and torch's C++ writer spell the same errno in their own exceptions
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
@@ -173,12 +176,9 @@ def exit_now(code: int) -> None:
 def die_with_parent(parent: int) -> None:
     """In a worker process: end when `parent` ends, however it ends (SIGKILL included). Linux has the
     kernel do it (PR_SET_PDEATHSIG); elsewhere a daemon thread watches the parent's pid."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
+    if _LIBC is not None:
         PR_SET_PDEATHSIG = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+        if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
             if os.getppid() != parent:  # the parent died before the prctl: nobody will send the signal
                 os._exit(1)
             return

@@ -447,30 +447,22 @@ def _run_blocks(path: Path, settings: dict, workers: int, writer: _Writer, bar) 
         while pending:
             res, size = pending.popleft()
             _take(res.result(), size, path, writer, bar)
-    except BaseException:
-        _stop_workers(pool)  # a bad line, a full disk, Ctrl-C, SIGTERM: what they would still encode is dropped
+    except BaseException:  # a bad line, a full disk, Ctrl-C, SIGTERM: the blocks not yet sent are dropped
+        # and each worker ends after the one it holds. Not terminated: a worker killed while it sends a result
+        # leaves the pool's manager thread waiting for the rest of it, and the interpreter joins that thread at
+        # exit, forever. A program stopped by a signal exits at once (cli) and the kernel ends its workers.
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
 
 
 def _worker_init(parent: int) -> None:
     """Workers end with the main process, however it ends, and leave signals to it: Ctrl-C reaches the
-    whole process group, and the main process, not each worker, decides what happens (it ends them)."""
+    whole process group, and the main process, not each worker, decides what happens."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; rayon threads would fight them
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
     die_with_parent(parent)
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Ends the pool's workers now rather than after the blocks they hold (shutdown() waits for those).
-    Python 3.14 has pool.terminate_workers(); before it, the executor's process table is the handle."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.join(timeout=10)
 
 
 def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
