@@ -152,12 +152,8 @@ def signal_number(exc: BaseException) -> int:
 
 
 def interrupted_exit(prog: str, exc: BaseException, what: str = "") -> int:
-    """Reports a KeyboardInterrupt or Interrupted as one line (no traceback). -> 128 + the signal.
-    From here on a further Ctrl-C or SIGTERM ends the process at once, by the signal's own default."""
+    """Reports a KeyboardInterrupt or Interrupted as one line (no traceback). -> 128 + the signal."""
     signum = signal_number(exc)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
     print(f"{prog}: interrupted by {signal.Signals(signum).name}{what}", file=sys.stderr, flush=True)
     return 128 + signum
 

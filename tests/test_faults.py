@@ -402,8 +402,17 @@ def test_a_stopped_prepare_ends_its_workers_and_removes_its_temp_dir(sig, data, 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + sig and "interrupted" in err and "Traceback" not in err, err[-3000:]
-    assert wait_for(lambda: not any(alive(w) for w in workers), timeout=10), [w for w in workers if alive(w)]
+    assert_gone(workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def assert_gone(workers: list[int]):
+    """The workers end within 10 s; any left are killed, so a failing test leaves none behind either."""
+    ended = wait_for(lambda: not any(alive(w) for w in workers), timeout=10)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert ended, f"workers {left} outlived their prepare"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -413,7 +422,7 @@ def test_a_sigkilled_prepares_workers_die_and_the_next_prepare_removes_its_temp_
     proc, workers = start_prepare(data, tokenizer_dir, out)
     proc.kill()
     proc.wait()
-    assert wait_for(lambda: not any(alive(w) for w in workers), timeout=10), [w for w in workers if alive(w)]
+    assert_gone(workers)
     assert [p.name for p in tmp_path.iterdir()] == [f".prepared.tmp-{proc.pid}"]  # SIGKILL: nothing could run
     rc, err = cli_inproc("prepare", "--stage", "pretrain", "--input", synth_dir / "pretrain.jsonl", "--tokenizer",
                          tokenizer_dir, "--out", out, "--workers", "1")
@@ -442,7 +451,7 @@ def test_a_second_ctrl_c_ends_grpo_at_once(data, tiny_ckpt, tmp_path):
     out = tmp_path / "grpo"
     # long rollouts: on the trainer of e630cdd a second Ctrl-C waited for the step to end
     args = ["--stage", "grpo", "--init", tiny_ckpt, "--data", data["grpo"], "--batch-size", "8", "--group-size", "4",
-            "--max-new-tokens", "3000", "--seq-len", "64", "--log-every", "1", "--max-steps", "50", "--device",
+            "--max-new-tokens", "2000", "--seq-len", "64", "--log-every", "1", "--max-steps", "50", "--device",
             "cpu", "--out", out]
     proc = subprocess.Popen([*TRAIN, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -451,9 +460,10 @@ def test_a_second_ctrl_c_ends_grpo_at_once(data, tiny_ckpt, tmp_path):
             if "training steps" in line:
                 break
         time.sleep(1.0)  # inside the first step's rollouts
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
-        assert proc.poll() is None, "the first Ctrl-C ended the run"
+        assert proc.poll() is None, "the first Ctrl-C ended the run: " + proc.stderr.read()[-3000:]
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
