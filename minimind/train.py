@@ -158,8 +158,9 @@ class Trainer:
         if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
-            with writing("run.json", self.out / "run.json"):
-                (self.out / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+            with writing("run.json", self.out / "run.json", need=len(text.encode())):
+                (self.out / "run.json").write_text(text)
         if self.cfg.deepspeed:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
             self.model = self.ds_engine = distributed.deepspeed_engine(self)
