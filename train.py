@@ -2,7 +2,9 @@
 
 import sys
 
-from minimind.cli import train_main
-
 if __name__ == "__main__":
+    try:  # Ctrl-C in the first instants, before train_main can report it, ends quietly too
+        from minimind.cli import train_main
+    except KeyboardInterrupt:
+        sys.exit(130)
     sys.exit(train_main())

@@ -324,11 +324,39 @@ def _handler(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    key, handler = _handler(args)
-    if handler is None:
-        print(f"minimind {key}: not implemented yet", file=sys.stderr)
+    key = args.command if args.command != "eval" else f"eval {args.eval_command}"
+    return _ended(_guarded(f"minimind {key}", args), program=argv is None)
+
+
+def _ended(rc: int, program: bool) -> int:
+    """A program stopped by a signal (exit 128 + signal: its checkpoint saved or its partial output
+    removed by now) leaves at once: the interpreter's teardown of torch and friends takes seconds on a
+    busy CPU, and a second Ctrl-C means now. Called in-process (argv given), it returns as usual."""
+    if program and rc > 128:
+        from minimind.faults import exit_now
+
+        exit_now(rc)
+    return rc
+
+
+def _guarded(prog: str, args) -> int:
+    """Runs the handler (imported here: torch's import takes seconds) so that a full disk or Ctrl-C /
+    SIGTERM at any moment ends it with one line on stderr, not a traceback: exit 1 for a full disk,
+    128 + the signal for a signal (the `finally` blocks that remove partial output have run)."""
+    from minimind.faults import DiskFull, Interrupted, interrupted_exit, stop_signals
+
+    try:
+        with stop_signals():
+            _, handler = _handler(args)
+            if handler is None:
+                print(f"{prog}: not implemented yet", file=sys.stderr)
+                return 1
+            return handler(args) or 0
+    except DiskFull as e:
+        print(f"{prog}: error: {e}. Free some space and run it again.", file=sys.stderr)
         return 1
-    return handler(args) or 0
+    except (KeyboardInterrupt, Interrupted) as e:
+        return interrupted_exit(prog, e)
 
 
 def train_main(argv=None) -> int:
@@ -337,11 +365,7 @@ def train_main(argv=None) -> int:
     add_train_arguments(parser)
     args = show_defaults(parser).parse_args(argv)
     args.command = "train"
-    _, handler = _handler(args)
-    if handler is None:
-        print("train.py: not implemented yet", file=sys.stderr)
-        return 1
-    return handler(args) or 0
+    return _ended(_guarded("train.py", args), program=argv is None)
 
 
 def run_info(args) -> int:

@@ -30,6 +30,7 @@ from minimind.checkpoint import (
     RNG_TENSORS,
     STATE_FILE,
     STEP_DIR,
+    TOKENIZER_FILES,
     TRAINER_STATE,
     CheckpointError,
     atomic_dir,
@@ -40,8 +41,10 @@ from minimind.checkpoint import (
     publish_dir,
     read_json,
     resolve_checkpoint,
+    state_dict_for_save,
 )
 from minimind.errors import TrainingDiverged, UsageError
+from minimind.faults import DiskFull, Interrupted, interrupted_exit, writing
 from minimind.grpo import GRPOSetup
 from minimind.optim import build_optimizer
 from minimind.outputs import OutputError, check_apart
@@ -61,11 +64,23 @@ def run(args) -> int:
     except ValueError as e:  # DataError / PrepareError / config errors name their file or field
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:  # preparing raw jsonl, training a tokenizer, run.json: the run was undone
+        print(f"train.py: error: {e}. Nothing of this run was kept; free some space and run it again.",
+              file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        return interrupted_exit("train.py", e, " while building the run; nothing of it was kept")
     try:
         return trainer.fit()
     except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except DiskFull as e:
+        print(f"train.py: error: {e}. {trainer.stopped_note(disk_full=True)}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Interrupted) as e:  # the second Ctrl-C, or one before the loop began
+        return interrupted_exit("train.py", e, f" at step {trainer.step}: stopped without saving it. "
+                                f"{trainer.stopped_note()}")
     finally:
         trainer.close()
 
@@ -150,7 +165,9 @@ class Trainer:
         if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
-            (self.out / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+            with writing("run.json", self.out / "run.json", need=len(text.encode())):
+                (self.out / "run.json").write_text(text)
         if self.cfg.deepspeed:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
             self.model = self.ds_engine = distributed.deepspeed_engine(self)
@@ -168,13 +185,18 @@ class Trainer:
         self._start = time.perf_counter()
         self._epochs_begun = int(self.setup.loader_epoch())
 
-    def _undo_if_fresh(self):
+    def _undo_if_fresh(self, unsaved: bool = False):
         """A fresh run that fails before its first step leaves its directory as it found it, so the same
-        command can simply be run again. Later failures keep metrics.jsonl: the curve is the diagnosis."""
-        if self.dist.is_main and self.owns_contents and self.step == 0:
+        command can simply be run again; so does one that ran out of disk before its first checkpoint
+        (`unsaved`): there is nothing to --resume. Later failures keep metrics.jsonl: the curve is the
+        diagnosis."""
+        if self.dist.is_main and self.owns_contents and (self.step == 0 or unsaved and not self._saved_any()):
             self.run_dir.undo()
             return True
         return False
+
+    def _saved_any(self) -> bool:
+        return self.out.is_dir() and any(STEP_DIR.match(p.name) for p in self.out.iterdir())
 
     def close(self):
         if self.dist.is_main:
@@ -258,9 +280,21 @@ class Trainer:
     def fit(self) -> int:
         try:
             return self._fit()
+        except DiskFull:
+            self._undo_if_fresh(unsaved=True)
+            raise
         except BaseException:
             self._undo_if_fresh()
             raise
+        finally:
+            self._restore_signal_handlers()
+
+    def stopped_note(self, disk_full: bool = False) -> str:
+        """What a user needs after a run stopped early: the checkpoint that is left, and how to go on."""
+        space = "free some space and " if disk_full else ""
+        if not self._saved_any():
+            return f"No checkpoint was kept: {space}run the same command again."
+        return f"{self._last_good()} To go on from it, {space}run again with --resume."
 
     def _doc_masks(self) -> bool:
         return bool(self.cfg.doc_mask) and STAGES[self.stage].packs_documents and not self.cfg.no_packing
@@ -498,8 +532,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _install_signal_handlers(self):
+        """The first Ctrl-C or SIGTERM lets the step end, saves it and exits (SPEC §5); a second exits at
+        once, without saving that step (a GRPO step generates for many seconds before it ends)."""
         def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise Interrupted(signum)
             self.stop_signal = signum
+            _say(f"{signal.Signals(signum).name}: saving a checkpoint when step {self.step + 1} ends, then "
+                 "exiting (again to exit now, without saving it)")
 
         self._old_handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -507,8 +547,9 @@ class Trainer:
                 self._old_handlers[sig] = signal.signal(sig, handler)
 
     def _restore_signal_handlers(self):
-        for sig, old in self._old_handlers.items():
+        for sig, old in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, old)
+        self._old_handlers = {}
 
     def save(self):
         """step-N/ with model (or adapter), tokenizer and trainer_state/, atomically; keep the newest --keep."""
@@ -521,7 +562,9 @@ class Trainer:
             self._save_deepspeed()
         elif self.dist.is_main:
             # a step-N already there is an earlier run's, left incomplete (resume skipped it): replaced
-            target = atomic_dir(self.out / f"step-{self.step}", self._fill_checkpoint)
+            target = self.out / f"step-{self.step}"
+            with writing(f"checkpoint {target.name}", target, need=self._checkpoint_bytes):
+                atomic_dir(target, self._fill_checkpoint)
             self._prune()
             self.log.save(self.step, target)
         self.dist.barrier()
@@ -533,8 +576,9 @@ class Trainer:
             copy_tokenizer(self.setup.tokenizer_dir, tmp)
         state_dir = tmp / TRAINER_STATE
         state_dir.mkdir(exist_ok=True)
-        if not deepspeed:
-            torch.save(self.optimizer.state_dict(), state_dir / OPTIMIZER_FILE)  # read back with weights_only
+        if not deepspeed:  # through a Python file, whose OSError names a full disk (torch's own writer does not)
+            with open(state_dir / OPTIMIZER_FILE, "wb") as f:
+                torch.save(self.optimizer.state_dict(), f)  # read back with weights_only
         _write_rng_state(state_dir, scaler=self.scaler.state_dict())
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
@@ -543,6 +587,14 @@ class Trainer:
             "data_fingerprint": self.data_fingerprint,
         }
         (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes (the full disk's message): weights, optimizer state, tokenizer."""
+        weights = self.setup.trainable if STAGES[self.stage].adapters else state_dict_for_save(self.raw_model).values()
+        tok = self.setup.tokenizer_dir
+        tok_bytes = sum((tok / n).stat().st_size for n in TOKENIZER_FILES if (tok / n).is_file()) if tok else 0
+        tensors = [*weights, *_tensors_in(self.optimizer.state_dict())]
+        return sum(t.numel() * t.element_size() for t in tensors) + tok_bytes
 
     def _save_deepspeed(self):
         """Every rank writes its optimizer shard with DeepSpeed's own saver into a shared temp dir; rank
@@ -628,6 +680,22 @@ class Trainer:
 
 def _read_json(file: Path) -> dict:
     return read_json(file, context=", cannot resume")
+
+
+def _tensors_in(tree) -> list[torch.Tensor]:
+    if torch.is_tensor(tree):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return [t for item in items for t in _tensors_in(item)]
+
+
+def _say(text: str) -> None:
+    """A line on stderr from a signal handler: os.write, since print may be in the middle of a write to the
+    same stream (a reentrant call raises)."""
+    try:
+        os.write(2, f"\n[{time.strftime('%H:%M:%S')}] {text}\n".encode())
+    except OSError:
+        pass
 
 
 # Random state and loss scale as tensors (safetensors) + JSON (checkpoint.RNG_TENSORS, RNG_JSON): no pickle

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from minimind.faults import tree_bytes, writing
+
 
 class RunLog:
     def __init__(self, out: Path, enabled: bool, wandb: bool = False, config: dict | None = None):
@@ -64,9 +66,10 @@ class RunLog:
         if not self.enabled:
             return
         row = {k: v for k, v in row.items() if v is not None}
+        line = json.dumps(row) + "\n"
+        with writing("metrics.jsonl", self.metrics_file, need=len(line)):
+            _append_whole(self.metrics_file, line.encode())
         self.rows.append(row)
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
         shown = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "useful_tokens_per_s", "mfu")
         extras = " | ".join(f"{k} {_fmt(row[k])}" for k in row if k not in shown)
         mfu = f" | mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
@@ -110,16 +113,36 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.out / ".loss.png.tmp"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, self.out / "loss.png")
+        tmp, png = self.out / ".loss.png.tmp", self.out / "loss.png"
+        try:
+            with writing("loss.png", png, need=lambda: max(tree_bytes(tmp), tree_bytes(png))):
+                fig.savefig(tmp, format="png")
+            os.replace(tmp, png)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)  # what a full disk left of it
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _append_whole(file: Path, data: bytes) -> None:
+    """Appends `data` whole or not at all: a line cut short by a full disk would be one no reader parses."""
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _fmt(v):

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +44,7 @@ from minimind.data.tokenizer import (
     read_tokenizer,
     tokenizer_fingerprint,
 )
+from minimind.faults import die_with_parent, tree_bytes, writing
 from minimind.outputs import OutputError, carry_over, check_output
 from minimind.recipes import DATA, DATA_KINDS
 
@@ -437,7 +439,8 @@ def _run_blocks(path: Path, settings: dict, workers: int, writer: _Writer, bar) 
     # fork: workers start in milliseconds and need no importable __main__; they never touch torch.
     # A worker that dies raises BrokenProcessPool here instead of hanging the run.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         pending = deque()
         for block, first in _blocks(path):
             pending.append((pool.submit(encode_block, (settings, block, first)), len(block)))
@@ -447,10 +450,22 @@ def _run_blocks(path: Path, settings: dict, workers: int, writer: _Writer, bar) 
         while pending:
             res, size = pending.popleft()
             _take(res.result(), size, path, writer, bar)
+    except BaseException:  # a bad line, a full disk, Ctrl-C, SIGTERM: the blocks not yet sent are dropped
+        # and each worker ends after the one it holds. Not terminated: a worker killed while it sends a result
+        # leaves the pool's manager thread waiting for the rest of it, and the interpreter joins that thread at
+        # exit, forever. A program stopped by a signal exits at once (cli) and the kernel ends its workers.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
+    """Workers end with the main process, however it ends, and leave signals to it: Ctrl-C reaches the
+    whole process group, and the main process, not each worker, decides what happens."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; rayon threads would fight them
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    die_with_parent(parent)
 
 
 def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
@@ -485,22 +500,51 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
         raise PrepareError(str(e)) from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _remove_dead_temps(out)
+    read = [0]  # input bytes encoded when the disk filled: what the estimate of the space needed scales by
     try:
-        writer = _Writer(tmp, stage)
-        with tqdm(total=input.stat().st_size, unit="B", unit_scale=True, desc=f"prepare {stage}",
-                  disable=not progress, file=sys.stderr) as bar:
-            try:
-                _run_blocks(input, settings, workers, writer, bar)
-            finally:
-                writer.close()
-        _check_result(input, writer)
-        meta = _meta(stage, input, tokenizer, max_seq_len, tag_weight, enc, writer)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        _publish(tmp, out)
+        with writing("prepared data", out, need=lambda: _projected_bytes(tmp, read[0], input.stat().st_size)):
+            tmp.mkdir(parents=True)
+            writer = _Writer(tmp, stage)
+            with tqdm(total=input.stat().st_size, unit="B", unit_scale=True, desc=f"prepare {stage}",
+                      disable=not progress, file=sys.stderr) as bar:
+                try:
+                    _run_blocks(input, settings, workers, writer, bar)
+                finally:
+                    read[0] = bar.n
+                    writer.close()
+            _check_result(input, writer)
+            meta = _meta(stage, input, tokenizer, max_seq_len, tag_weight, enc, writer)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+            _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _remove_dead_temps(out: Path) -> None:
+    """Removes the temp directories of prepares into `out` that were SIGKILLed (the only way to leave one):
+    those whose process is gone."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _projected_bytes(tmp: Path, read: int, total: int) -> int:
+    """The prepared directory's size, projected from what was written for the input read so far; before
+    the first block, the input's size (2-4 bytes a token and a byte of weight, ~4 bytes of text a token)."""
+    return tree_bytes(tmp) * total // read if read else total
 
 
 def _check_args(stage, input: Path, tokenizer: Path, out: Path, max_seq_len: int, workers: int, force: bool) -> None:

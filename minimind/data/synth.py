@@ -27,6 +27,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimind.faults import partial_output, tree_bytes, writing
+
 # lines per file at scale 1.0 (the `make demo` default); each file keeps at least its minimum
 SIZES = {
     "pretrain": (20000, 200),
@@ -551,17 +553,26 @@ def write_corpus(out: Path, seed: int = 0, scale: float = 1.0, force: bool = Fal
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out}: directory is not empty; pass --force to overwrite its files")
-    out.mkdir(parents=True, exist_ok=True)
+    # a failure (a full disk, a signal) removes the files this call began, so it can simply be run again
+    with partial_output(out) as begun, writing("the synthetic corpus", out, at_least=True,
+                                               need=lambda: sum(map(tree_bytes, begun))):
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_files(out, seed, scale, begun)
+
+
+def _write_files(out: Path, seed: int, scale: float, begun: list) -> dict[str, Path]:
     world = make_world(seed)
     paths = {}
     for name, make in WRITERS.items():
         rng = random.Random(f"minimind-{name}-{seed}")
         path = out / f"{name}.jsonl"
+        begun.append(path)
         with open(path, "w", encoding="utf-8") as f:
             for _ in range(_count(name, scale)):
                 f.write(json.dumps(make(rng, world), ensure_ascii=False) + "\n")
         paths[name] = path
     path = out / "eval_choice.csv"
+    begun.append(path)
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "question", "A", "B", "C", "D", "answer"])

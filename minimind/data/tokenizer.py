@@ -14,6 +14,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from minimind.faults import partial_output, writing
 from minimind.outputs import OutputError, check_output
 
 PAD = "<|endoftext|>"
@@ -144,9 +145,14 @@ def train_tokenizer(files: list[Path], vocab_size: int = 6400, *, out: Path, for
     for added in spec["added_tokens"]:
         # tags are single tokens but ordinary text: decode(skip_special_tokens=True) keeps them
         added["special"] = added["content"] in SPECIAL
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), ensure_ascii=False, indent=2))
+    files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(_tokenizer_config(spec), ensure_ascii=False, indent=2)}
+    # a failure (a full disk, a signal) removes what this call began, so it can simply be run again
+    with partial_output(out) as begun, writing("the tokenizer", out, need=sum(len(t.encode()) for t in files.values())):
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            begun.append(out / name)
+            (out / name).write_text(text, encoding="utf-8")
     return out
 
 

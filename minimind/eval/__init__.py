@@ -6,11 +6,13 @@ tokenizer loaded with the `tokenizers` library (fast, and no transformers import
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from minimind.checkpoint import checkpoint_inputs, load_checkpoint
+from minimind.faults import writing
 from minimind.outputs import check_output
 
 
@@ -59,5 +61,16 @@ def write_report(report: dict, path: Path | None) -> None:
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        _write_whole(Path(path), text + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes through a temp file renamed into place: a full disk leaves no half report (and no temp)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with writing("the report", path, need=len(text.encode())):
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from minimind.checkpoint import (
     tokenizer_dir,
 )
 from minimind.config import ModelConfig
+from minimind.faults import writing
 from minimind.lora import strip_lora
 from minimind.outputs import OutputError, carry_over, check_output
 
@@ -77,7 +78,14 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
         write_hf_model(model, tokenizer, tmp)
         carry_over(out, tmp, owned=EXPORT_FILES)
 
-    return atomic_dir(out, fill)
+    with writing("the export", out, need=lambda: _export_bytes(state_dict_for_save(model).values(), tokenizer)):
+        return atomic_dir(out, fill)
+
+
+def _export_bytes(tensors, tokenizer: Path | None) -> int:
+    """About what an export takes (the full disk's message): its tensors in float32, its tokenizer files."""
+    tok = sum(f.stat().st_size for f in tokenizer.iterdir() if f.name in TOKENIZER_FILES) if tokenizer else 0
+    return sum(4 * t.numel() for t in tensors) + tok
 
 
 def write_hf_model(model: torch.nn.Module, tokenizer: Path | None, out: Path) -> None:
@@ -225,7 +233,9 @@ def _export_peft(lora_ckpt: Path, out: Path) -> Path:
             copy_tokenizer(tokenizer, tmp)
         carry_over(out, tmp, owned=EXPORT_FILES)
 
-    return atomic_dir(out, fill)
+    tensors = [*state_dict_for_save(base).values(), *adapter.values()]
+    with writing("the export", out, need=lambda: _export_bytes(tensors, tokenizer)):
+        return atomic_dir(out, fill)
 
 
 def _peft_config(cfg: dict, base_dir: Path) -> dict:
