@@ -111,7 +111,7 @@ def nan_weights(file: Path) -> None:
 BAD_CONFIGS = {
     "string layers": ({"num_hidden_layers": "two"}, "num_hidden_layers"),
     "zero width": ({"hidden_size": 0}, "hidden_size"),
-    "kv heads not dividing": ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    "no kv heads": ({"num_key_value_heads": 0}, "num_key_value_heads"),
     "bool vocab": ({"vocab_size": True}, "vocab_size"),
 }
 
