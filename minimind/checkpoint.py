@@ -274,12 +274,12 @@ def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch
         lora, ckpt = ckpt, resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"])
     model = _load_full(ckpt, device, kernels)
     if not allow_nonfinite:
-        check_finite(state_dict_for_save(model), ckpt / WEIGHTS_FILE, hint)
+        check_finite(state_dict_for_save(model), ckpt / WEIGHTS_FILE, hint=hint)
     if lora is not None:
         lora = resolve_checkpoint(lora)  # a LoRA run dir, like --ckpt, means its newest step
         load_adapter(model, lora, base_ckpt=ckpt, merge=merge_lora)
         if not allow_nonfinite:
-            check_finite(lora_state_dict(model), Path(lora) / ADAPTER_WEIGHTS, hint)
+            check_finite(lora_state_dict(model), Path(lora) / ADAPTER_WEIGHTS, hint=hint)
         ckpt = Path(lora)
     if dtype is not None:
         model.to(dtype)

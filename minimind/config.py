@@ -134,7 +134,12 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         d = dict(PRESETS[name])
         d.update(parse_overrides(overrides or []))
-        return cls.from_dict(d, **runtime)
+        try:
+            return cls.from_dict(d, **runtime)
+        except ValueError as e:  # a value of the right type that makes no sense: say which flag gave it
+            if not overrides:
+                raise
+            raise ValueError(f"--set {' '.join(overrides)}: {e}") from None
 
     def save(self, path) -> None:
         with open(path, "w") as f:

@@ -82,7 +82,7 @@ def _question(text: str, where: str) -> dict:
     return {"messages": conv, "answer": answer, "family": family, "where": where}
 
 
-def check_lengths(prompts: list[list[int]], questions: list[dict], max_new_tokens: int, context: int) -> None:
+def check_lengths(prompts: list[list[int]], questions: list[dict], *, max_new_tokens: int, context: int) -> None:
     """EvalDataError naming --max-new-tokens, or the FILE:LINE of the first prompt, when a reply would not fit
     the context: the whole run is refused up front rather than scoring the questions that fit (an accuracy
     over a silently smaller set would not compare with others)."""
@@ -100,7 +100,7 @@ def evaluate(engine, questions: list[dict], max_new_tokens: int, samples: int = 
     from infer.engine import SamplingParams
 
     prompts = [engine.encode_chat(q["messages"]) for q in questions]
-    check_lengths(prompts, questions, max_new_tokens, engine.max_len)
+    check_lengths(prompts, questions, max_new_tokens=max_new_tokens, context=engine.max_len)
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     families = defaultdict(lambda: {"questions": 0, "correct": 0, "samples": []})
     for q, out in zip(questions, outs):

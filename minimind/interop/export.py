@@ -232,7 +232,7 @@ def _export_peft(lora_ckpt: Path, out: Path, allow_nonfinite: bool = False) -> P
     tokenizer = tokenizer_dir(lora_ckpt)
     adapter = load_adapter_weights(lora_ckpt)
     if not allow_nonfinite:
-        check_finite(adapter, lora_ckpt / ADAPTER_WEIGHTS, ALLOW_NONFINITE_HINT)
+        check_finite(adapter, lora_ckpt / ADAPTER_WEIGHTS, hint=ALLOW_NONFINITE_HINT)
 
     def fill(tmp: Path):
         (tmp / PEFT_BASE_DIR).mkdir()
