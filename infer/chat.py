@@ -5,6 +5,7 @@ the answer: dimmed on a terminal, between `[thinking]` and `[/thinking]` markers
 history outgrows the context, the oldest turns are dropped (the system prompt stays).
 """
 
+import itertools
 import sys
 
 from infer.engine import Engine
@@ -84,13 +85,29 @@ class _Printer:
         self.out.flush()
 
 
+class ChatInputError(ValueError):
+    """Input the chat cannot take (not UTF-8); `run` reports it and exits 2."""
+
+
+def read_line(stdin, lineno: int) -> str:
+    """The next line of `stdin` as valid Unicode ('' at the end). Python decodes stdin strictly (a
+    UnicodeDecodeError) or, under a C locale, with surrogate escapes that the tokenizer then rejects with
+    a TypeError: both become a ChatInputError naming the line."""
+    try:
+        line = stdin.readline()
+        line.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise ChatInputError(f"stdin line {lineno}: not valid UTF-8 text") from None
+    return line
+
+
 def repl(session: ChatSession, stdin=sys.stdin, out=sys.stdout) -> None:
     tty = out.isatty()
     out.write(f"minimind chat ({HELP})\n")
-    while True:
+    for lineno in itertools.count(1):
         out.write("\n> " if tty else "> ")
         out.flush()
-        line = stdin.readline()
+        line = read_line(stdin, lineno)
         if not line:
             break
         text = line.strip()
@@ -123,7 +140,8 @@ def run(args) -> int:
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=args.device, max_batch=1,
                                         max_len=args.max_len, compile=args.compile,
-                                        dtype=getattr(args, "dtype", "auto"))
+                                        dtype=getattr(args, "dtype", "auto"),
+                                        allow_nonfinite=getattr(args, "allow_nonfinite", False))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
     except (CheckpointError, OSError, ValueError) as e:
@@ -134,6 +152,9 @@ def run(args) -> int:
             print(line, file=sys.stderr, flush=True)
     try:
         repl(ChatSession(engine, params, system=args.system))
+    except ChatInputError as e:
+        print(f"\nminimind chat: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print()
     return 0

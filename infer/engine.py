@@ -168,21 +168,25 @@ class Engine:
             log.info(self.graphs_report)
 
     @classmethod
-    def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, **kwargs) -> "Engine":
+    def from_checkpoint(cls, ckpt, lora=None, device="cpu", dtype=None, kernels=None, allow_nonfinite=False,
+                        **kwargs) -> "Engine":
         """`dtype`: a torch dtype, a name, "auto" (the fastest measured here: `infer.tuning`) or None
-        (as saved). The line saying which and why is `engine.dtype_report`."""
-        from transformers import AutoTokenizer, PretrainedConfig
-
-        from infer.tuning import resolve_dtype
+        (as saved). The line saying which and why is `engine.dtype_report`. Non-finite weights are a
+        CheckpointError unless `allow_nonfinite`; a broken tokenizer is a TokenizerError naming its file."""
+        from infer.tuning import TIMED_LENGTH, resolve_dtype
         from minimind.checkpoint import load_checkpoint, tokenizer_dir
+        from minimind.data.tokenizer import load_tokenizer
 
-        model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, lora=lora)
-        # an empty config: our config.json is not transformers' (it would warn about rope_scaling)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(ckpt_dir) or ckpt_dir, config=PretrainedConfig())
+        model, ckpt_dir = load_checkpoint(ckpt, device=device, kernels=kernels, lora=lora,
+                                          allow_nonfinite=allow_nonfinite)
+        tokenizer = load_tokenizer(tokenizer_dir(ckpt_dir) or ckpt_dir, require_chat_template=False)
         report = None
         if isinstance(dtype, str):
+            # timing eager steps at TIMED_LENGTH, so the cache needs no more (nor more than the model's context)
+            timing_len = min(2 * TIMED_LENGTH, model.config.max_position_embeddings)
+
             def make_engine(m, rows):
-                return cls(m, tokenizer, max_batch=rows, max_len=64, cuda_graphs=False)  # timing eager steps
+                return cls(m, tokenizer, max_batch=rows, max_len=timing_len, cuda_graphs=False)
 
             dtype, report = resolve_dtype(model, make_engine, dtype, rows=min(kwargs.get("max_batch", 32), 16))
         if dtype is not None:

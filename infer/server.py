@@ -529,7 +529,8 @@ def run(args) -> int:
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
                                         max_batch=args.max_batch, max_len=getattr(args, "max_len", None),
-                                        compile=getattr(args, "compile", False), dtype=getattr(args, "dtype", "auto"))
+                                        compile=getattr(args, "compile", False), dtype=getattr(args, "dtype", "auto"),
+                                        allow_nonfinite=getattr(args, "allow_nonfinite", False))
     except (CheckpointError, OSError, ValueError) as e:
         sock.close()
         print(f"minimind serve: {e}", file=sys.stderr)

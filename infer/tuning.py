@@ -22,6 +22,7 @@ from minimind.choices import DTYPES
 MARGIN = 1.1  # a lower precision must be this much faster to be chosen over float32
 ROUNDS = 10  # timed decode steps per dtype and batch, alternating; the fastest of each counts (on a
 # shared machine a step can only be slowed by others, never sped up)
+TIMED_LENGTH = 32  # the attended length of a timed decode step (at most the engine's max_len)
 
 
 def candidates(device: torch.device) -> list[torch.dtype]:
@@ -52,7 +53,8 @@ def fastest_dtype(model, make_engine, rows: int) -> tuple[torch.dtype, str]:
         for i in range(ROUNDS + 1):
             for (dtype, n), ts in times.items():
                 t0 = time.perf_counter()
-                engines[dtype]._decode_rows(n, length=32, compiled=False).reshape(-1)[:1].cpu()
+                length = min(TIMED_LENGTH, engines[dtype].max_len)
+                engines[dtype]._decode_rows(n, length=length, compiled=False).reshape(-1)[:1].cpu()
                 if i:  # the first round warms up
                     ts.append(time.perf_counter() - t0)
     speed = {d: statistics.geometric_mean([n / min(times[d, n]) for n in sizes]) for d in engines}

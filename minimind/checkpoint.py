@@ -10,6 +10,7 @@ file it reads and names the file and the problem when something is wrong.
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,37 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """Weights holding NaN or inf: a diverged or damaged checkpoint (serve, chat, eval and export take
+    --allow-nonfinite to use it anyway)."""
+
+
+ALLOW_NONFINITE_HINT = "; pass --allow-nonfinite to use it anyway"
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in `sd` that hold a NaN or an inf."""
+    return [name for name, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(sd: dict[str, torch.Tensor], source, hint: str = "") -> None:
+    """NonFiniteCheckpoint naming `source` and the first bad tensors, unless every weight is finite."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise NonFiniteCheckpoint(f"{source}: {len(bad)} of {len(sd)} tensors hold NaN or inf (e.g. "
+                                  f"{', '.join(bad[:3])}): a diverged or damaged checkpoint{hint}")
+
+
+def weights_finite(ckpt) -> bool:
+    """Whether checkpoint `ckpt`'s weights (model or adapter) are readable and finite."""
+    ckpt = Path(ckpt)
+    file = ckpt / (ADAPTER_WEIGHTS if is_lora_checkpoint(ckpt) else WEIGHTS_FILE)
+    try:
+        return not nonfinite_tensors(load_file(file))
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
@@ -249,19 +281,27 @@ def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source)
 
 
 def load_checkpoint(path, device="cpu", kernels: str | None = None, dtype: torch.dtype | None = None,
-                    lora=None, merge_lora: bool = True):
+                    lora=None, merge_lora: bool = True, allow_nonfinite: bool | None = None):
     """-> (model in eval mode, checkpoint dir). `kernels` overrides the runtime kernel choice.
 
     A LoRA checkpoint loads its base checkpoint (path recorded in the adapter) plus the adapter;
     `lora=DIR` puts an adapter on top of a full checkpoint. Adapters are merged unless told not to.
+    Weights holding NaN or inf raise NonFiniteCheckpoint unless `allow_nonfinite`: every command would
+    otherwise run on them and report NaN (or export them) with exit 0. None refuses them too; False (a
+    command's --allow-nonfinite not given) adds to the message that the flag exists.
     """
+    hint = ALLOW_NONFINITE_HINT if allow_nonfinite is False else ""
     ckpt = resolve_checkpoint(path)
     if is_lora_checkpoint(ckpt):
         lora, ckpt = ckpt, resolve_checkpoint(read_adapter_config(ckpt)["base_checkpoint"])
     model = _load_full(ckpt, device, kernels)
+    if not allow_nonfinite:
+        check_finite(state_dict_for_save(model), ckpt / WEIGHTS_FILE, hint=hint)
     if lora is not None:
         lora = resolve_checkpoint(lora)  # a LoRA run dir, like --ckpt, means its newest step
         load_adapter(model, lora, base_ckpt=ckpt, merge=merge_lora)
+        if not allow_nonfinite:
+            check_finite(lora_state_dict(model), Path(lora) / ADAPTER_WEIGHTS, hint=hint)
         ckpt = Path(lora)
     if dtype is not None:
         model.to(dtype)
@@ -279,6 +319,36 @@ def _load_full(ckpt: Path, device, kernels):
         model = MiniMindForCausalLM(config, device=device)
     load_state_into(model, sd, ckpt / WEIGHTS_FILE)
     return model
+
+
+# state.json's fields: (type check, what it must be); optional ones may be absent (older checkpoints)
+STATE_FIELDS = {
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "tokens_seen": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "stage": (lambda v: isinstance(v, str), "a stage name (string)"),
+    "data": (lambda v: isinstance(v, dict), "an object (the data position)"),
+}
+OPTIONAL_STATE_FIELDS = {
+    "total_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "elapsed_s": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "data_fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+
+
+def read_trainer_state(state_dir) -> dict:
+    """trainer_state/state.json, every field checked; CheckpointError names the file and the field."""
+    file = Path(state_dir) / STATE_FILE
+    state = read_json(file, context=", cannot resume")
+    for key, (ok, expected) in STATE_FIELDS.items():
+        if key not in state:
+            raise CheckpointError(f"{file}: field {key!r} missing, cannot resume")
+        if not ok(state[key]):
+            raise CheckpointError(f"{file}: field {key!r} must be {expected}, got {state[key]!r}, cannot resume")
+    for key, (ok, expected) in OPTIONAL_STATE_FIELDS.items():
+        if key in state and not ok(state[key]):
+            raise CheckpointError(f"{file}: field {key!r} must be {expected}, got {state[key]!r}, cannot resume")
+    return state
 
 
 def load_error(e: Exception) -> str:
@@ -325,7 +395,45 @@ def read_adapter_config(adapter_dir) -> dict:
     for key in ("base_checkpoint", "rank", "alpha", "targets"):
         if key not in cfg:
             raise CheckpointError(f"{file}: field {key!r} missing")
+    _check_adapter_fields(cfg, file)
     return cfg
+
+
+def _check_adapter_fields(cfg: dict, file: Path) -> None:
+    """CheckpointError naming the first field of an adapter config with the wrong type or range."""
+    def bad(key, expected):
+        raise CheckpointError(f"{file}: field {key!r} must be {expected}, got {cfg[key]!r}")
+
+    if not isinstance(cfg["base_checkpoint"], str) or not cfg["base_checkpoint"]:
+        bad("base_checkpoint", "a path (string)")
+    if not _is_int(cfg["rank"]) or cfg["rank"] < 1:
+        bad("rank", "a positive integer")
+    if not _is_number(cfg["alpha"]) or not math.isfinite(cfg["alpha"]) or cfg["alpha"] <= 0:
+        bad("alpha", "a finite number above 0")
+    if "dropout" in cfg and not (_is_number(cfg["dropout"]) and 0 <= cfg["dropout"] < 1):
+        bad("dropout", "a number in [0, 1)")
+    targets = cfg["targets"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        bad("targets", "a non-empty list of module names")
+    if "base_fingerprint" in cfg and not isinstance(cfg["base_fingerprint"], str):
+        bad("base_fingerprint", "a string")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_adapter_weights(adapter_dir, device="cpu") -> dict[str, torch.Tensor]:
+    """adapter.safetensors of `adapter_dir`; CheckpointError naming the file if it is missing or damaged."""
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        return load_file(file, device=str(device))
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise CheckpointError(f"{file}: missing, truncated or corrupt ({e})") from None
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir, base_ckpt=None, merge: bool = False) -> dict:
@@ -341,12 +449,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir, base_ckpt=None, merge: boo
                 f"{Path(adapter_dir) / ADAPTER_CONFIG}: adapter was trained on a different base "
                 f"(fingerprint {cfg['base_fingerprint'][:12]}), {base_ckpt} has {got[:12]}"
             )
-    apply_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"])
-    file = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
-        sd = load_file(file)
-    except Exception as e:  # safetensors raises several types for truncated files
-        raise CheckpointError(f"{file}: missing, truncated or corrupt ({e})") from None
+        apply_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"])
+    except ValueError as e:
+        raise CheckpointError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: {e}") from None
+    sd = load_adapter_weights(adapter_dir)
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:

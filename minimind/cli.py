@@ -66,6 +66,30 @@ def port(value: str) -> int:
     return n
 
 
+def device_name(value: str) -> str:
+    """A torch device string (cpu, cuda, cuda:N) that this machine has: checked here, so that a wrong one
+    is an error about --device, not about the checkpoint file that loading it onto the device met."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use a checkpoint whose weights hold NaN or inf (refused otherwise)")
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Appends '(default: X)' to the help of every option, in this parser and its subparsers, that has
     a default worth showing (not None, False or suppressed)."""
@@ -179,12 +203,13 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--max-len", type=positive_int, metavar="N", help="KV-cache length (default min(context, 2048))")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (kept only if it beats eager on a timed warm-up)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights and KV cache; auto: the fastest decode on this device, timed at start")
+    _allow_nonfinite(p)
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,6 +218,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="default: as saved (float32)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
     p.add_argument("--force", action="store_true", help="replace an existing --report file (never an input)")
+    _allow_nonfinite(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf",), default="hf")
     p.add_argument("--lora-format", choices=("merged", "peft"), default="merged")
     p.add_argument("--force", action="store_true")
+    _allow_nonfinite(p)
 
     p = sub.add_parser("import", help="import a MiniMind .pth or a Hugging Face directory")
     p.add_argument("--from", dest="source", choices=("minimind-pth", "hf"), required=True)

@@ -80,6 +80,8 @@ class ModelConfig:
     head_dim: int = field(init=False)  # Dh, derived
 
     def __post_init__(self):
+        check_types(self)
+        check_ranges(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -132,12 +134,67 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         d = dict(PRESETS[name])
         d.update(parse_overrides(overrides or []))
-        return cls.from_dict(d, **runtime)
+        try:
+            return cls.from_dict(d, **runtime)
+        except ValueError as e:  # a value of the right type that makes no sense: say which flag gave it
+            if not overrides:
+                raise
+            raise ValueError(f"--set {' '.join(overrides)}: {e}") from None
 
     def save(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+# sizes that must be at least 1, and real numbers that must be finite and above 0 (a 0 here fails later as a
+# ZeroDivisionError or a reshape error, or builds a model with no layers)
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                 "intermediate_size", "multiple_of", "max_position_embeddings", "n_routed_experts",
+                 "num_experts_per_tok")
+POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
+def check_types(config: "ModelConfig") -> None:
+    """TypeError naming the first field whose value is not of its annotated type (config.json is user
+    data: `"num_hidden_layers": "two"` must not reach `range()`). An int is accepted for a float; a bool
+    is not an int here, though Python says it is."""
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = getattr(config, f.name)
+        options = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+        if not any(_is_a(value, t) for t in options):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+            raise TypeError(f"field {f.name!r}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _is_a(value, t) -> bool:
+    if t is type(None):
+        return value is None
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+def check_ranges(config: "ModelConfig") -> None:
+    """ValueError naming the first size below 1, or a non-finite or non-positive eps/theta/rate."""
+    for name in POSITIVE_INTS:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"field {name!r} must be a positive integer, got {value}")
+    for name in POSITIVE_FLOATS:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"field {name!r} must be a finite number above 0, got {value}")
+    if config.n_shared_experts < 0:
+        raise ValueError(f"field 'n_shared_experts' must not be negative, got {config.n_shared_experts}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"field 'dropout' must be in [0, 1), got {config.dropout}")
+    if not (math.isfinite(config.aux_loss_alpha) and config.aux_loss_alpha >= 0):
+        raise ValueError(f"field 'aux_loss_alpha' must be a finite number >= 0, got {config.aux_loss_alpha}")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -64,8 +64,19 @@ class GRPOSetup(Setup):
         group = self.cfg.group_size
         # no CUDA graphs: the policy trains between rollouts (dropout, and DeepSpeed may re-point weights)
         self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg.batch_size * group, cuda_graphs=False)
+        self._check_rollout_length()
         self.rollouts = 0
         return GRPO(beta=self.cfg.beta if self.cfg.beta is not None else 0.04)
+
+    def _check_rollout_length(self):
+        """A rollout is a prompt plus --max-new-tokens; past the engine's context it would fail at the first
+        step (ContextLengthError), so the longest prompt of the data is checked here."""
+        lengths = open_prepared(self.data_dir).lengths
+        longest = int(lengths.max()) if len(lengths) else 0
+        if longest + self.cfg.max_new_tokens > self.engine.max_len:
+            raise UsageError(f"--max-new-tokens {self.cfg.max_new_tokens}: with the longest prompt of --data "
+                             f"({longest} tokens) a rollout exceeds the model's context of {self.engine.max_len} "
+                             f"tokens; use at most {max(0, self.engine.max_len - longest)}")
 
     def _check_data(self, data_dir):
         if open_prepared(data_dir).meta.get("stage") != "grpo":

@@ -17,6 +17,10 @@ from minimind.linear import Linear
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class LoRARankError(ValueError):
+    """A rank the target matrices cannot take."""
+
+
 class LoRALinear(Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
@@ -63,6 +67,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
+                _check_rank(rank, child, f"{name}.{child_name}" if name else child_name)
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
@@ -70,6 +75,15 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     for pname, p in model.named_parameters():
         p.requires_grad = ".lora_" in pname
     return wrapped
+
+
+def _check_rank(rank: int, linear: nn.Linear, name: str) -> None:
+    """A rank above the matrix's smaller side adds nothing a full update would not, and costs far more
+    than the matrix itself (rank 100000 on a 128 x 128 matrix: a 5.5 GB adapter)."""
+    side = min(linear.in_features, linear.out_features)
+    if not 1 <= rank <= side:
+        raise LoRARankError(f"LoRA rank {rank} must be between 1 and {side}, the smaller side of {name} "
+                         f"({linear.out_features} x {linear.in_features})")
 
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:

@@ -11,19 +11,25 @@ import torch
 
 from minimind import objectives
 from minimind.checkpoint import (
+    ADAPTER_WEIGHTS,
     WEIGHTS_FILE,
     CheckpointError,
+    check_finite,
+    is_lora_checkpoint,
+    load_adapter_weights,
     load_checkpoint,
     load_config,
     load_state_into,
     load_weights,
     read_json,
+    resolve_checkpoint,
     tokenizer_dir,
     write_model_files,
 )
 from minimind.config import ModelConfig
 from minimind.data.loader import open_prepared
 from minimind.errors import UsageError
+from minimind.lora import lora_state_dict, strip_lora
 from minimind.model import MiniMindForCausalLM
 from minimind.recipes import STAGES
 
@@ -70,11 +76,11 @@ class Setup:
         cfg = self.cfg
         kernels = cfg.kernels
         if cfg.init is not None:
-            model, ckpt = load_checkpoint(cfg.init, device=self.device, kernels=kernels)
+            model, ckpt = self._init_model(cfg.init, kernels)
             self.base_ckpt = ckpt
         elif self.trainer.cfg.resume and cfg.model is None:
             run = _read_run_json(Path(cfg.out) / "run.json")
-            cfg.model, cfg.overrides = run["model"], run["overrides"]
+            cfg.model, cfg.overrides, cfg.init = run["model"], run["overrides"], run["init"]
             return self._build_model()
         else:
             config = self._fresh_config()
@@ -82,19 +88,36 @@ class Setup:
                 model = MiniMindForCausalLM(config, device=self.device)
         model.train()
         if self.spec.adapters:
-            from minimind.lora import DEFAULT_TARGETS, apply_lora
+            from minimind.lora import DEFAULT_TARGETS, LoRARankError, apply_lora
 
             targets = DEFAULT_TARGETS
             if cfg.lora_targets:
                 targets = tuple(t.strip() for t in cfg.lora_targets.split(","))
             try:
                 apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets)
+            except LoRARankError as e:
+                raise UsageError(f"--lora-rank: {e}") from None
             except ValueError as e:
                 raise UsageError(str(e)) from None
             self.lora_targets = targets
         if cfg.grad_checkpointing:
             model.model.grad_checkpointing = True
         return model
+
+    def _init_model(self, init, kernels):
+        """--init's model. A LoRA checkpoint is merged into its base and its adapters become plain Linears
+        again, so a full-weight stage trains that merged model (a merged LoRALinear has no gradient path
+        through its frozen base). A new adapter needs a full checkpoint to record as its base."""
+        lora = is_lora_checkpoint(resolve_checkpoint(init))
+        if lora and self.spec.adapters:
+            raise UsageError(f"--init {init} is a LoRA checkpoint; --stage {self.stage} trains a new adapter on a "
+                             "full checkpoint: pass its base, or merge it first (`minimind export`)")
+        model, ckpt = load_checkpoint(init, device=self.device, kernels=kernels)
+        if lora:
+            strip_lora(model)
+            model.requires_grad_(True)  # the adapter froze the base; the whole model trains now
+            self.trainer.log_message(f"--init {init}: a LoRA checkpoint, merged into its base for this run")
+        return model, ckpt
 
     def _fresh_config(self) -> ModelConfig:
         """The preset with --set applied; `--set vocab_size=auto` sizes the vocabulary to the tokenizer (rounded
@@ -156,17 +179,23 @@ class Setup:
             write_model_files(tmp, self.model)
 
     def load_weights(self, ckpt: Path):
+        """The weights of `ckpt` (a step of this run, on --resume), checked: a damaged or non-finite file is a
+        CheckpointError naming it, never a run that trains on NaN."""
         if self.spec.adapters:
-            from safetensors.torch import load_file
-
-            from minimind.checkpoint import ADAPTER_WEIGHTS
-
-            self.model.load_state_dict(load_file(ckpt / ADAPTER_WEIGHTS, device=str(self.device)), strict=False)
+            file = ckpt / ADAPTER_WEIGHTS
+            sd = load_adapter_weights(ckpt, device=self.device)
+            check_finite(sd, file)
+            expected = lora_state_dict(self.model)
+            if set(sd) != set(expected) or any(sd[k].shape != expected[k].shape for k in sd):
+                raise CheckpointError(f"{file}: the adapter does not fit this run's model (other rank or targets)")
+            self.model.load_state_dict(sd, strict=False)
             return
         saved = load_config(ckpt)
         if saved.to_dict() != self.model.config.to_dict():
             raise UsageError(f"--resume: {ckpt} has a different architecture than this run's model")
-        load_state_into(self.model, load_weights(ckpt, self.device), ckpt / WEIGHTS_FILE)
+        sd = load_weights(ckpt, self.device)
+        check_finite(sd, ckpt / WEIGHTS_FILE)
+        load_state_into(self.model, sd, ckpt / WEIGHTS_FILE)
 
     # ----------------------------------------------------------------- tokenizer and data
     def _find_tokenizer(self, vocab_size: int):
@@ -334,10 +363,20 @@ def _tokenizer_len(tokenizer_dir) -> int:
 
 
 def _read_run_json(file: Path) -> dict:
+    """What a resumed run rebuilds its model from: the preset and --set overrides of a fresh run, or the
+    --init checkpoint of one that started from a checkpoint (its model is null)."""
     run = read_json(file, context=" (the run's resolved flags), cannot resume")
-    if not isinstance(run.get("model"), str) or not isinstance(run.get("overrides"), list):
-        raise CheckpointError(f"{file}: 'model' or 'overrides' missing or of the wrong type, cannot resume")
-    return {"model": run["model"], "overrides": run["overrides"]}
+    model, overrides, init = run.get("model"), run.get("overrides", []), run.get("init")
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise CheckpointError(f"{file}: field 'overrides' must be a list of FIELD=VALUE strings, got {overrides!r}, "
+                              "cannot resume")
+    for key, value in (("model", model), ("init", init)):
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{file}: field {key!r} must be a string or null, got {value!r}, cannot resume")
+    if model is None and init is None:
+        raise CheckpointError(f"{file}: neither 'model' nor 'init' is set, so the run's model cannot be rebuilt; "
+                              "pass --model or --init with --resume")
+    return {"model": model if init is None else None, "overrides": overrides, "init": init}
 
 
 def _meta(data_dir: Path) -> dict:

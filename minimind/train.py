@@ -40,8 +40,10 @@ from minimind.checkpoint import (
     load_error,
     publish_dir,
     read_json,
+    read_trainer_state,
     resolve_checkpoint,
     state_dict_for_save,
+    weights_finite,
 )
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.faults import DiskFull, Interrupted, interrupted_exit, writing
@@ -518,8 +520,15 @@ class Trainer:
                                    f"Lower --lr (now {self.cfg.lr}).")
 
     def _last_good(self) -> str:
+        """Names the newest checkpoint whose weights are finite: one that is not (a run resumed from a damaged
+        checkpoint with its check bypassed, or a bit flip since) is no place to go back to."""
         steps = sorted((int(m.group(1)), p) for p in self.out.iterdir() if (m := STEP_DIR.match(p.name)))
-        return f"The last good checkpoint is {steps[-1][1]}." if steps else "No checkpoint was written."
+        if not steps:
+            return "No checkpoint was written."
+        for _, path in reversed(steps):
+            if weights_finite(path):
+                return f"The last good checkpoint is {path}."
+        return f"No checkpoint in {self.out} has finite weights."
 
     def _mfu(self, tokens_per_s: float):
         peak = _device_peak_flops(self.device, self.dtype)
@@ -629,9 +638,9 @@ class Trainer:
         if ds_dir.exists() != bool(self.cfg.deepspeed):
             raise UsageError(f"--resume: {ckpt} was {'' if ds_dir.exists() else 'not '}written by a DeepSpeed run; "
                              "resume it the same way")
-        state = _read_json(state_dir / STATE_FILE)
-        if state.get("stage") != self.stage:
-            raise UsageError(f"--resume: {ckpt} is a {state.get('stage')!r} run, not {self.stage!r}")
+        state = read_trainer_state(state_dir)
+        if state["stage"] != self.stage:
+            raise UsageError(f"--resume: {ckpt} is a {state['stage']!r} run, not {self.stage!r}")
         saved_data = state.get("data_fingerprint")
         if saved_data is not None and saved_data != self.data_fingerprint:
             raise UsageError(f"--resume: --data {self.cfg.data} is not the data this run was trained on (data "
@@ -667,7 +676,10 @@ class Trainer:
                 _set_rng_state(rng)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self._elapsed_before = float(state.get("elapsed_s", 0.0))  # what --max-time has spent already
-        self.setup.load_loader_state(state["data"])
+        try:
+            self.setup.load_loader_state(state["data"])
+        except ValueError as e:  # DataError: a position that does not fit this data
+            raise CheckpointError(f"{state_dir / STATE_FILE}: field 'data': {e}, cannot resume") from None
         self.log.truncate_after(self.step)
         self.saved_step = self.step
         self.log.message(f"resumed from {ckpt} at step {self.step}")

@@ -137,6 +137,7 @@ def resolve(args) -> TrainConfig:
     if not 0 < cfg.decay_frac <= 1:
         raise UsageError(f"--decay-frac must be in (0, 1], got {cfg.decay_frac}")
     _check_numbers(cfg)
+    _check_combinations(cfg, stage)
     for name in PATH_FIELDS:
         if getattr(cfg, name) is not None:
             setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
@@ -147,6 +148,19 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _check_combinations(cfg: TrainConfig, stage) -> None:
+    """Numbers that are each fine alone but make no sense together, or for this stage."""
+    if cfg.min_lr > cfg.lr:
+        raise UsageError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule would raise the lr "
+                         "towards its end; --min-lr is the floor it decays to")
+    if stage.rollouts and cfg.group_size < 2:
+        raise UsageError(f"--group-size {cfg.group_size}: GRPO scores each completion against the others of its "
+                         "group, so a group needs at least 2")
+    if stage.adapters and cfg.optim == "muon":
+        raise UsageError(f"--optim muon with --stage {cfg.stage}: Muon trains the blocks' full weight matrices, "
+                         "which LoRA freezes (its adapters are low-rank factors); use --optim adamw")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:

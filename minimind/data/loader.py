@@ -102,12 +102,49 @@ def _read_meta(path: Path) -> dict:
         raise DataError(f"{path}: not prepared data (no meta.json; run `minimind prepare`)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{meta_file}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{meta_file}: format_version {meta.get('format_version')!r}, this minimind reads "
                         f"{FORMAT_VERSION}; run `minimind prepare` again")
+    _check_meta(meta, meta_file)
     return meta
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# meta.json's fields as the loader uses them: (check, what it must be)
+META_FIELDS = {
+    "stage": (lambda v: isinstance(v, str), "a stage name (string)"),
+    "tokenizer_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "token_dtype": (lambda v: v in ("uint16", "uint32"), "uint16 or uint32"),
+    "eos_id": (_is_count, "a token id (integer >= 0)"),
+    "pad_id": (_is_count, "a token id (integer >= 0)"),
+    "num_docs": (_is_count, "an integer >= 0"),
+    "num_tokens": (_is_count, "an integer >= 0"),
+    "weight_values": (lambda v: isinstance(v, list) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w >= 0 for w in v),
+        "a list of finite numbers >= 0"),
+    "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_count(n) for k, n in v.items())
+              and {"tokens.bin", "offsets.bin", "prompt_lens.bin"} <= set(v), "an object of file sizes naming "
+              "tokens.bin, offsets.bin and prompt_lens.bin"),
+}
+
+
+def _check_meta(meta: dict, meta_file: Path) -> None:
+    """DataError naming the first field of meta.json that is missing or of the wrong type (a hand-edited or
+    damaged file must not surface as a KeyError or a numpy error in the middle of a run)."""
+    for key, (ok, expected) in META_FIELDS.items():
+        if key not in meta:
+            raise DataError(f"{meta_file}: field {key!r} missing; run `minimind prepare` again")
+        if not ok(meta[key]):
+            raise DataError(f"{meta_file}: field {key!r} must be {expected}, got {meta[key]!r}")
+    if meta.get("doc_start_id") is not None and not _is_count(meta["doc_start_id"]):
+        raise DataError(f"{meta_file}: field 'doc_start_id' must be a token id or null, got {meta['doc_start_id']!r}")
 
 
 def open_prepared(path, tokenizer=None) -> Prepared:
@@ -238,7 +275,10 @@ class Loader:
             if state.get(key) != mine[key]:
                 raise DataError(f"loader state has {key}={state.get(key)!r}, this loader {key}={mine[key]!r}: "
                                 "the saved position means nothing for this data order")
-        self._epoch, self._row, self._consumed = int(state["epoch"]), int(state["row"]), int(state["rows_consumed"])
+        position = [state.get(k) for k in ("epoch", "row", "rows_consumed")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position):
+            raise DataError(f"loader state: epoch, row and rows_consumed must be integers >= 0, got {position}")
+        self._epoch, self._row, self._consumed = position
         if self._row >= self._num_rows(self._epoch):
             raise DataError(f"loader state row {self._row} is past the end of epoch {self._epoch}")
 

@@ -20,6 +20,7 @@ it). Layout of a prepared directory:
 import bisect
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -492,6 +493,8 @@ def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: in
     _check_args(stage, input, tokenizer, out, max_seq_len, workers, force)
     if doc_format not in DOC_FORMATS:
         raise PrepareError(f"--doc-format: {doc_format!r} is not one of {', '.join(DOC_FORMATS)}")
+    if not (math.isfinite(tag_weight) and tag_weight >= 0):  # a loss weight: nan or -5 would train nonsense
+        raise PrepareError(f"--tag-weight must be a finite number >= 0, got {tag_weight}")
     settings = {"encoder": (stage, str(tokenizer.resolve()), max_seq_len, float(tag_weight), fast, doc_format),
                 "skip_bad": skip_bad}
     try:

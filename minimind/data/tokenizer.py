@@ -191,8 +191,11 @@ def read_tokenizer(path):
         raise TokenizerError(f"{file}: not a valid tokenizer: {e}") from None
 
 
-def load_tokenizer(path):
-    """A `PreTrainedTokenizerFast` from a tokenizer directory (ours or MiniMind's published one)."""
+def load_tokenizer(path, require_chat_template: bool = True):
+    """A `PreTrainedTokenizerFast` from a tokenizer directory (ours or MiniMind's published one); every
+    problem with its files (a truncated tokenizer.json, a broken tokenizer_config.json) is a TokenizerError
+    naming the file. `require_chat_template=False` for a user that only encodes text (the server's
+    completions)."""
     from transformers import AutoTokenizer, PretrainedConfig
 
     path = Path(path)
@@ -201,9 +204,9 @@ def load_tokenizer(path):
         # an empty config: else AutoTokenizer parses a checkpoint's config.json, which is ours, not a
         # transformers config (and warns about its `rope_scaling` on every load)
         tok = AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig())
-    except (KeyError, TypeError, ValueError) as e:  # a broken tokenizer_config.json
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # a broken tokenizer_config.json
         raise TokenizerError(f"{path}: not a valid tokenizer: {type(e).__name__}: {e}") from None
-    if tok.chat_template is None:
+    if require_chat_template and tok.chat_template is None:
         raise TokenizerError(f"{path}: the tokenizer has no chat_template")
     return tok
 

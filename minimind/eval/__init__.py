@@ -6,6 +6,7 @@ tokenizer loaded with the `tokenizers` library (fast, and no transformers import
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,21 +27,51 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None):
-    """-> (model, tokenizers.Tokenizer, tokenizer_config dict) for checkpoint or run dir `ckpt`."""
-    from tokenizers import Tokenizer
-
-    from minimind.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir
+def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None, allow_nonfinite: bool = False):
+    """-> (model, tokenizers.Tokenizer, tokenizer_config dict) for checkpoint or run dir `ckpt`. A damaged
+    tokenizer file is a CheckpointError naming it; so are non-finite weights unless `allow_nonfinite`."""
+    from minimind.checkpoint import CheckpointError, read_json, resolve_checkpoint, tokenizer_dir
+    from minimind.data.tokenizer import TokenizerError, read_tokenizer
 
     device = pick_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    model, _ = load_checkpoint(ckpt, device=device, dtype=torch_dtype)
+    model, _ = load_checkpoint(ckpt, device=device, dtype=torch_dtype, allow_nonfinite=allow_nonfinite)
     tok_dir = tokenizer_dir(resolve_checkpoint(ckpt))
     if tok_dir is None:
         raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json; evaluation needs its tokenizer")
     tok_config_file = tok_dir / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.is_file() else {}
-    return model, Tokenizer.from_file(str(tok_dir / "tokenizer.json")), tok_config
+    tok_config = read_json(tok_config_file) if tok_config_file.is_file() else {}
+    try:
+        return model, read_tokenizer(tok_dir), tok_config
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def check_data_file(file: Path) -> Path:
+    """--data must be a readable file (an existing directory gives IsADirectoryError deep in the reader)."""
+    file = Path(file)
+    if file.is_dir():
+        raise EvalDataError(f"--data {file}: is a directory; expected a file")
+    return file
+
+
+def check_report_path(path: Path | None) -> None:
+    """--report must name a file (checked before the evaluation runs, not after)."""
+    if path is not None and Path(path).is_dir():
+        raise EvalDataError(f"--report {path}: is a directory; expected a file name "
+                            f"(e.g. {Path(path) / 'report.json'})")
+
+
+def finite_or_none(value):
+    """JSON has no NaN or inf: a non-finite float in a report becomes null (Python's json would write a bare
+    `NaN`, which JSON parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def special_token(tok_config: dict, role: str) -> str | None:
@@ -58,7 +89,7 @@ def check_report(args, inputs: list[tuple[str, Path | None]]) -> None:
 
 
 def write_report(report: dict, path: Path | None) -> None:
-    text = json.dumps(report, indent=2, ensure_ascii=False)
+    text = json.dumps(finite_or_none(report), indent=2, ensure_ascii=False, allow_nan=False)
     print(text)
     if path is not None:
         _write_whole(Path(path), text + "\n")

@@ -17,10 +17,11 @@ import re
 import sys
 import unicodedata
 from collections import defaultdict
-from pathlib import Path
 
 from minimind.checkpoint import CheckpointError
-from minimind.eval import EvalDataError, check_report, pick_device, write_report
+from minimind.data.prepare import ROLES
+from minimind.data.tokenizer import TokenizerError
+from minimind.eval import EvalDataError, check_data_file, check_report, check_report_path, pick_device, write_report
 from minimind.outputs import OutputError
 
 _INTEGER = re.compile(r"-?\d+")
@@ -41,12 +42,14 @@ def is_match(reply: str, answer: str) -> bool:
 
 def read_questions(file) -> list[dict]:
     """-> [{"messages", "answer", "family"}] from an rlaif-layout jsonl; errors name FILE:LINE."""
-    file = Path(file)
+    file = check_data_file(file)
     rows = []
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{file}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise EvalDataError(f"{file}: unreadable ({e.strerror or e})") from None
     for line, text in enumerate(lines, 1):
         if text.strip():
             rows.append(_question(text, f"{file}:{line}"))
@@ -64,6 +67,9 @@ def _question(text: str, where: str) -> dict:
     if not isinstance(conv, list) or not conv or not all(
             isinstance(m, dict) and isinstance(m.get("content"), str) for m in conv):
         raise EvalDataError(f"{where}: expected an object with 'conversations', a list of {{role, content}} turns")
+    for i, m in enumerate(conv):
+        if m.get("role") not in ROLES:
+            raise EvalDataError(f"{where}: conversations[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
     answer = obj.get("answer")
     if answer is None and conv[-1].get("role") == "assistant":
         conv, answer = conv[:-1], conv[-1]["content"]
@@ -74,7 +80,20 @@ def _question(text: str, where: str) -> dict:
     family = obj.get("family", "all")
     if not isinstance(family, str):
         raise EvalDataError(f"{where}: 'family' must be a string")
-    return {"messages": conv, "answer": answer, "family": family}
+    return {"messages": conv, "answer": answer, "family": family, "where": where}
+
+
+def check_lengths(prompts: list[list[int]], questions: list[dict], *, max_new_tokens: int, context: int) -> None:
+    """EvalDataError naming --max-new-tokens, or the FILE:LINE of the first prompt, when a reply would not fit
+    the context: the whole run is refused up front rather than scoring the questions that fit (an accuracy
+    over a silently smaller set would not compare with others)."""
+    if max_new_tokens >= context:
+        raise EvalDataError(f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens, prompt "
+                            "included; ask for fewer")
+    for q, ids in zip(questions, prompts):
+        if len(ids) + max_new_tokens > context:
+            raise EvalDataError(f"{q['where']}: the prompt has {len(ids)} tokens; with --max-new-tokens "
+                                f"{max_new_tokens} it does not fit the model's context of {context} tokens")
 
 
 def evaluate(engine, questions: list[dict], max_new_tokens: int, samples: int = 3) -> dict:
@@ -82,6 +101,7 @@ def evaluate(engine, questions: list[dict], max_new_tokens: int, samples: int = 
     from infer.engine import SamplingParams
 
     prompts = [engine.encode_chat(q["messages"]) for q in questions]
+    check_lengths(prompts, questions, max_new_tokens=max_new_tokens, context=engine.max_len)
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     families = defaultdict(lambda: {"questions": 0, "correct": 0, "samples": []})
     for q, out in zip(questions, outs):
@@ -126,14 +146,15 @@ def run(args) -> int:
     from infer.engine import Engine
 
     try:
+        check_report_path(args.report)
         check_report(args, [("--data", args.data)])
         questions = read_questions(args.data)
         engine = Engine.from_checkpoint(args.ckpt, device=pick_device(args.device), dtype=args.dtype,
-                                        max_batch=args.batch_size)
-    except (EvalDataError, CheckpointError, OutputError, OSError) as e:
+                                        max_batch=args.batch_size, allow_nonfinite=args.allow_nonfinite)
+        report = evaluate(engine, questions, max_new_tokens=args.max_new_tokens, samples=args.samples)
+    except (EvalDataError, CheckpointError, TokenizerError, OutputError, OSError) as e:
         print(f"minimind eval answers: {e}", file=sys.stderr)
         return 2
-    report = evaluate(engine, questions, max_new_tokens=args.max_new_tokens, samples=args.samples)
     print(format_table(report), file=sys.stderr)
     report.update(ckpt=str(args.ckpt), data=str(args.data))
     write_report(report, args.report)

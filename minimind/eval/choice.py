@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from minimind.checkpoint import CheckpointError
-from minimind.eval import EvalDataError, check_report, load_for_eval, write_report
+from minimind.eval import EvalDataError, check_report, check_report_path, load_for_eval, write_report
 from minimind.outputs import OutputError
 
 LETTERS = ("A", "B", "C", "D")
@@ -40,10 +40,12 @@ def run(args) -> int:
         print(f"minimind eval choice: --shots: expected an integer >= 0, got {args.shots}", file=sys.stderr)
         return 2
     try:
+        check_report_path(args.report)
         check_report(args, [("--data", args.data), ("--dev", args.dev)])
         subjects = read_subjects(args.data)
         dev = read_subjects(args.dev) if args.dev is not None else {}
-        model, tokenizer, _ = load_for_eval(args.ckpt, device=args.device, dtype=args.dtype)
+        model, tokenizer, _ = load_for_eval(args.ckpt, device=args.device, dtype=args.dtype,
+                                            allow_nonfinite=args.allow_nonfinite)
         report = evaluate(model, tokenizer, subjects, dev=dev, shots=args.shots, batch_size=args.batch_size)
     except (EvalDataError, CheckpointError, OutputError) as e:
         print(f"minimind eval choice: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ except ImportError as e:  # an optional (dev) dependency: say how to get it
     raise ImportError("minimind eval lm-eval needs lm-evaluation-harness: pip install lm-eval") from e
 
 from minimind.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from minimind.eval import check_report, pick_device, write_report
+from minimind.eval import EvalDataError, check_report, check_report_path, pick_device, write_report
 from minimind.eval.ppl import windows
 from minimind.outputs import OutputError
 
@@ -50,9 +50,10 @@ def run(args) -> int:
               f"(add a directory of task yamls with --include-path)", file=sys.stderr)
         return 2
     try:
+        check_report_path(args.report)
         lm = MiniMindLM(ckpt=args.ckpt, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                        max_len=args.max_len)
-    except CheckpointError as e:
+                        max_len=args.max_len, allow_nonfinite=args.allow_nonfinite)
+    except (CheckpointError, EvalDataError) as e:
         print(f"minimind eval lm-eval: {e}", file=sys.stderr)
         return 2
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # lm-eval: < 1 a fraction
@@ -68,22 +69,25 @@ def run(args) -> int:
 @register_model("minimind")
 class MiniMindLM(LM):
     def __init__(self, ckpt=None, model=None, tokenizer=None, device="auto", dtype=None, batch_size=16,
-                 max_len=None, **_lm_eval_extras):
+                 max_len=None, allow_nonfinite=False, **_lm_eval_extras):
         super().__init__()
-        from transformers import AutoTokenizer, PretrainedConfig
-
         from minimind.checkpoint import tokenizer_dir
+        from minimind.data.tokenizer import TokenizerError, load_tokenizer
 
         if model is None:
             if ckpt is None:
                 raise CheckpointError("lm-eval model 'minimind' needs ckpt=CKPT (model_args)")
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
-            model, _ = load_checkpoint(ckpt, device=pick_device(device), dtype=torch_dtype)
+            model, _ = load_checkpoint(ckpt, device=pick_device(device), dtype=torch_dtype,
+                                       allow_nonfinite=allow_nonfinite)
         if tokenizer is None:
             tok_dir = tokenizer_dir(resolve_checkpoint(ckpt)) if ckpt is not None else None
             if tok_dir is None:
                 raise CheckpointError(f"{ckpt}: the checkpoint has no tokenizer.json")
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, config=PretrainedConfig())  # ours is not HF's
+            try:
+                tokenizer = load_tokenizer(tok_dir, require_chat_template=False)
+            except TokenizerError as e:
+                raise CheckpointError(str(e)) from None
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_len = int(max_len or model.config.max_position_embeddings)

@@ -11,22 +11,31 @@ does not see the one before it). Perplexity = exp(mean NLL per token); bits per 
 import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimind.checkpoint import CheckpointError
-from minimind.eval import EvalDataError, check_report, load_for_eval, special_token, write_report
+from minimind.eval import (
+    EvalDataError,
+    check_data_file,
+    check_report,
+    check_report_path,
+    load_for_eval,
+    special_token,
+    write_report,
+)
 from minimind.outputs import OutputError
 
 
 def run(args) -> int:
     try:
+        check_report_path(args.report)
         check_report(args, [("--data", args.data)])
         docs = read_documents(args.data)
-        model, tokenizer, tok_config = load_for_eval(args.ckpt, device=args.device, dtype=args.dtype)
+        model, tokenizer, tok_config = load_for_eval(args.ckpt, device=args.device, dtype=args.dtype,
+                                                     allow_nonfinite=args.allow_nonfinite)
         seq_len = min(args.seq_len, model.config.max_position_embeddings)
         report = perplexity(model, tokenizer, docs, bos=special_token(tok_config, "bos"), seq_len=seq_len,
                             batch_size=args.batch_size)
@@ -39,11 +48,13 @@ def run(args) -> int:
 
 
 def read_documents(file) -> list[str]:
-    file = Path(file)
+    file = check_data_file(file)
     try:
         raw = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{file}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise EvalDataError(f"{file}: unreadable ({e.strerror or e})") from None
     if file.suffix != ".jsonl":
         if not raw.strip():
             raise EvalDataError(f"{file}: empty file")
@@ -88,8 +99,13 @@ def perplexity(model, tokenizer, docs: list[str], bos: str | None, seq_len: int,
         raise EvalDataError("no tokens to score (every document is empty)")
     nll, n_tokens = _total_nll(model, pieces, batch_size)
     return {"documents": len(docs), "tokens": n_tokens, "bytes": n_bytes, "nll_per_token": nll / n_tokens,
-            "perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+            "perplexity": _exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "seq_len": seq_len}
+
+
+def _exp(x: float) -> float:
+    """exp that gives inf (written as null) instead of raising OverflowError past e**709."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 @torch.no_grad()

@@ -18,12 +18,15 @@ from safetensors.torch import save_file
 
 from minimind.checkpoint import (
     ADAPTER_WEIGHTS,
+    ALLOW_NONFINITE_HINT,
     TOKENIZER_FILES,
     CheckpointError,
     atomic_dir,
+    check_finite,
     checkpoint_inputs,
     copy_tokenizer,
     is_lora_checkpoint,
+    load_adapter_weights,
     load_checkpoint,
     read_adapter_config,
     read_json,
@@ -50,7 +53,8 @@ class ExportError(Exception):
 
 def run(args) -> int:
     try:
-        out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force)
+        out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force,
+                        allow_nonfinite=args.allow_nonfinite)
     except (CheckpointError, ExportError, OutputError) as e:
         print(f"minimind export: {e}", file=sys.stderr)
         return 2
@@ -58,9 +62,10 @@ def run(args) -> int:
     return 0
 
 
-def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Path:
+def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False, allow_nonfinite: bool = False) -> Path:
     """Export checkpoint (or run dir) `ckpt` to `out`; returns `out`. With `force` an existing export is
-    replaced; files in `out` that export does not write stay."""
+    replaced; files in `out` that export does not write stay. Non-finite weights are refused unless
+    `allow_nonfinite` (a NaN model exported is a NaN model served elsewhere)."""
     out = Path(out)
     src = resolve_checkpoint(ckpt)
     check_output(out, flag="--out", inputs=checkpoint_inputs(ckpt, "--ckpt"), force=force, directory=True)
@@ -69,8 +74,8 @@ def export_hf(ckpt, out, lora_format: str = "merged", force: bool = False) -> Pa
     if lora_format == "peft":
         if not is_lora_checkpoint(src):
             raise ExportError(f"--lora-format peft: {src} is not a LoRA checkpoint (no adapter_config.json)")
-        return _export_peft(src, out)
-    model, _ = load_checkpoint(src, kernels="torch")
+        return _export_peft(src, out, allow_nonfinite=allow_nonfinite)
+    model, _ = load_checkpoint(src, kernels="torch", allow_nonfinite=allow_nonfinite)
     strip_lora(model)  # merged adapters become plain Linears: stock names only
     tokenizer = tokenizer_dir(src)
 
@@ -212,15 +217,15 @@ def _has_chat_template(tokenizer: Path) -> bool:
     return file.is_file() and bool(_read_json(file).get("chat_template"))
 
 
-def _export_peft(lora_ckpt: Path, out: Path) -> Path:
+def _export_peft(lora_ckpt: Path, out: Path, allow_nonfinite: bool = False) -> Path:
     """out/: peft adapter (adapter_config.json, adapter_model.safetensors, tokenizer); out/base/: its base."""
-    from safetensors.torch import load_file
-
     cfg = read_adapter_config(lora_ckpt)
     base_ckpt = resolve_checkpoint(cfg["base_checkpoint"])
-    base, _ = load_checkpoint(base_ckpt, kernels="torch")
+    base, _ = load_checkpoint(base_ckpt, kernels="torch", allow_nonfinite=allow_nonfinite)
     tokenizer = tokenizer_dir(lora_ckpt)
-    adapter = load_file(lora_ckpt / ADAPTER_WEIGHTS)
+    adapter = load_adapter_weights(lora_ckpt)
+    if not allow_nonfinite:
+        check_finite(adapter, lora_ckpt / ADAPTER_WEIGHTS, hint=ALLOW_NONFINITE_HINT)
 
     def fill(tmp: Path):
         (tmp / PEFT_BASE_DIR).mkdir()
