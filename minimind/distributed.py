@@ -126,7 +126,21 @@ def deepspeed_engine(trainer):
         trainer.dtype = torch.float32  # deepspeed casts the model itself; no autocast on top
     engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=ds,
                                            dist_init_required=False)
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: parameters live partitioned across ranks
+        # the fused head reads lm_head's weight (tied: the embedding's) outside lm_head's forward; ZeRO-3
+        # gathers it for head_loss's forward and backward only once it knows head_loss needs it
+        model = engine.module
+        deepspeed.zero.register_external_parameter(model.head_loss, model.lm_head.weight)
     return engine
+
+
+def gathered_weights(model):
+    """A context in which every rank holds the model's full weights (all ranks must enter it): under
+    ZeRO-3 each rank otherwise holds only its partition and the parameters are empty tensors; a no-op
+    for ZeRO-1/2 and DDP, whose ranks hold whole weights."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 # What DeepSpeed's checkpoints pickle besides tensors and containers (ZeRO 1/2/3, deepspeed 0.18)

@@ -531,11 +531,12 @@ class Trainer:
         self.dist.barrier()
         self.ds_engine.save_checkpoint(str(tmp / TRAINER_STATE / DEEPSPEED_STATE), tag="state")
         self.dist.barrier()
-        if self.dist.is_main:
-            self._fill_checkpoint(tmp, deepspeed=True)
-            os.rename(tmp, target)
-            self._prune()
-            self.log.save(self.step, target)
+        with distributed.gathered_weights(self.raw_model):  # ZeRO-3: model.safetensors gets whole weights
+            if self.dist.is_main:
+                self._fill_checkpoint(tmp, deepspeed=True)
+                os.rename(tmp, target)
+                self._prune()
+                self.log.save(self.step, target)
         self.dist.barrier()
 
     def _prune(self):
