@@ -292,6 +292,12 @@ class Trainer:
                 self.save()
         self.save()
         self.log.close()
+        if self.ds_engine is not None:
+            # destroy() removes the gradient hooks through which autograd (in C++, unseen by Python's
+            # collector) keeps the engine and its ZeRO optimizer, holders of the process groups, alive
+            self.ds_engine.destroy()
+        if self.dist.enabled:  # DDP, the engine, its optimizer and the model hold the groups (Dist.cleanup)
+            self.model = self.raw_model = self.ds_engine = self.optimizer = self.setup = None
         self.dist.cleanup()
         self._restore_signal_handlers()
         return exit_code

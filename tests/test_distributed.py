@@ -175,3 +175,40 @@ def test_deepspeed_zero3_two_processes_trains_saves_whole_weights_and_resumes(pr
     again = load_file(resumed / "step-20" / "model.safetensors")
     for k, v in step20.items():
         torch.testing.assert_close(again[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+THREADS_AT_EXIT = """
+import json, os, sys
+from minimind.cli import train_main
+rc = train_main()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[sys.argv.index("--out") + 1] + f".threads-{os.environ['RANK']}.json"), "w") as f:
+    json.dump(names, f)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_two_process_run_ends_its_gloo_threads_before_exit(launcher, prepared, tmp_path):
+    """Issue 25: a DeepSpeed rank once aborted at exit ("terminate called without an active exception",
+    exit 250) after its last save. destroy_process_group alone leaves every gloo group referenced (by
+    DeepSpeed's engine and optimizer, by DDP, by torch._dynamo and deepspeed imported after the group
+    was made), so each group's threads (pt_gloo_runloop, gloo_tcp_loop) ran on into the interpreter's
+    shutdown and exit(). Now the run frees its groups before it returns: no gloo thread is left."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to list the process's threads")
+    script = tmp_path / "train_and_list_threads.py"
+    script.write_text(THREADS_AT_EXIT)
+    out = tmp_path / "run"
+    args = ["--stage", "pretrain", *ARGS[:-6], "--max-steps", "2", "--batch-size", "4",
+            "--data", str(prepared["pretrain"]), "--out", str(out)]
+    if launcher == "torchrun":
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), *args])
+    else:
+        cmd = deepspeed_cmd(2, prepared["pretrain"], out)
+        run([*cmd[: cmd.index(str(ROOT / "train.py"))], str(script), *args, "--deepspeed",
+             str(ROOT / "configs" / "deepspeed" / "zero2.json")])
+    for rank in (0, 1):
+        names = json.loads(Path(f"{out}.threads-{rank}.json").read_text())
+        assert not [n for n in names if "gloo" in n], (rank, names)
