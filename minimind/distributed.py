@@ -4,7 +4,10 @@ loop needs. A single process is a world of size 1 and every collective is a no-o
 
 import contextlib
 import dataclasses
+import gc
+import importlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -64,12 +67,21 @@ class Dist:
         return contextlib.nullcontext()
 
     def cleanup(self):
+        """Ends the process groups and, with them, gloo's threads (two workers and a socket loop per
+        group). destroy_process_group only unregisters a group: a gloo group stops its threads when its
+        last reference goes, so a group still referenced keeps them running through the interpreter's
+        shutdown and exit(), where one rank once aborted ("terminate called without an active
+        exception", exit 250, after a DeepSpeed run had saved its last step). The trainer first lets its
+        wrapped model (DDP, or the DeepSpeed engine) go and `setup` keeps imports from holding the
+        default group; the collection below then frees the groups here, while every rank is alive."""
         if self.enabled and dist.is_initialized():
-            # every rank past its last save and collective before any tears the group down: a rank that
-            # left early once killed its peer's gloo thread mid-exchange ("terminate called without an
-            # active exception", exit 250, after a DeepSpeed run had saved its last step)
             dist.barrier()
-            dist.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                ds_comm.destroy_process_group()  # torch's, and DeepSpeed's module-level group handles
+            else:
+                dist.destroy_process_group()
+            gc.collect()  # DeepSpeed's engine and optimizer are reference cycles: only the collector frees them
 
 
 def setup(cfg) -> Dist:
@@ -83,6 +95,11 @@ def setup(cfg) -> Dist:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # imported before the group exists: imported after, each takes references to the default group
+        # that destroy_process_group never drops (torch._dynamo 10, which torch.optim imports with the
+        # first optimizer; deepspeed 2), so the group and its gloo threads would outlive `cleanup`
+        for module in ("torch._dynamo", "deepspeed") if cfg.deepspeed else ("torch._dynamo",):
+            importlib.import_module(module)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
@@ -126,7 +143,21 @@ def deepspeed_engine(trainer):
         trainer.dtype = torch.float32  # deepspeed casts the model itself; no autocast on top
     engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=ds,
                                            dist_init_required=False)
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: parameters live partitioned across ranks
+        # the fused head reads lm_head's weight (tied: the embedding's) outside lm_head's forward; ZeRO-3
+        # gathers it for head_loss's forward and backward only once it knows head_loss needs it
+        model = engine.module
+        deepspeed.zero.register_external_parameter(model.head_loss, model.lm_head.weight)
     return engine
+
+
+def gathered_weights(model):
+    """A context in which every rank holds the model's full weights (all ranks must enter it): under
+    ZeRO-3 each rank otherwise holds only its partition and the parameters are empty tensors; a no-op
+    for ZeRO-1/2 and DDP, whose ranks hold whole weights."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 # What DeepSpeed's checkpoints pickle besides tensors and containers (ZeRO 1/2/3, deepspeed 0.18)

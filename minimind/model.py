@@ -3,7 +3,7 @@
 Shapes (README): B batch, T time, D hidden, H heads (Hq query, Hk key/value), Dh head dim, V vocab.
 Every op a Triton kernel replaces goes through `self.ops` (minimind.kernels.dispatch), picked at build time.
 The forward returns logits (or the final hidden states, for a fused loss) and the MoE aux loss; the
-loss itself belongs to an objective, outside the model.
+loss itself belongs to an objective, outside the model (`head_loss` is only the fused head op it calls).
 """
 
 import math
@@ -45,6 +45,21 @@ class RMSNorm(nn.Module):
     def add_forward(self, x, residual):
         """Returns (norm(x + residual), x + residual)."""
         return self.ops.add_rmsnorm(x, residual, self.weight, self.eps)
+
+
+class FusedHeadLoss(nn.Module):
+    """The output head and the token loss as one op: (hidden (N, D), weight (V, D), targets (N,), weights
+    (N,)) -> loss, never holding all N x V logits on the Triton path. A module that is handed the head's
+    weight rather than reading it: DeepSpeed ZeRO-3 gathers a partitioned parameter only for the forward
+    and backward of a module it is registered with, and the tied weight belongs to the embedding
+    (`distributed.deepspeed_engine` registers it here). Elsewhere it costs one module call."""
+
+    def __init__(self, ops: Ops):
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, hidden, weight, targets, weights=None, reduction="sum"):
+        return self.ops.fused_linear_cross_entropy(hidden, weight, targets, weights, reduction=reduction)
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +240,7 @@ class MiniMindForCausalLM(nn.Module):
         self.ops = get_ops(config.kernels, device)
         self.model = MiniMindModel(config, self.ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head_loss = FusedHeadLoss(self.ops)  # no parameters: the state dict is unchanged
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):

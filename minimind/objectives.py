@@ -22,9 +22,7 @@ def token_nll(model, batch, weights=None, reduction="sum"):
     inner = _unwrap(model)
     hidden = out.hidden.flatten(0, 1)  # (N, D)
     w = batch.weights if weights is None else weights
-    loss = inner.ops.fused_linear_cross_entropy(
-        hidden, inner.lm_head.weight, batch.targets.flatten(), w.flatten(), reduction=reduction
-    )
+    loss = inner.head_loss(hidden, inner.lm_head.weight, batch.targets.flatten(), w.flatten(), reduction=reduction)
     return loss, out.aux_loss
 
 

@@ -352,6 +352,12 @@ class Trainer:
                 self.save()
         self.save()
         self.log.close()
+        if self.ds_engine is not None:
+            # destroy() removes the gradient hooks through which autograd (in C++, unseen by Python's
+            # collector) keeps the engine and its ZeRO optimizer, holders of the process groups, alive
+            self.ds_engine.destroy()
+        if self.dist.enabled:  # DDP, the engine, its optimizer and the model hold the groups (Dist.cleanup)
+            self.model = self.raw_model = self.ds_engine = self.optimizer = self.setup = None
         self.dist.cleanup()
         self._restore_signal_handlers()
         return exit_code
@@ -616,11 +622,13 @@ class Trainer:
         self.dist.barrier()
         self.ds_engine.save_checkpoint(str(tmp / TRAINER_STATE / DEEPSPEED_STATE), tag="state")
         self.dist.barrier()
-        if self.dist.is_main:
-            self._fill_checkpoint(tmp, deepspeed=True)
-            publish_dir(tmp, target)
-            self._prune()
-            self.log.save(self.step, target)
+        with distributed.gathered_weights(self.raw_model):  # ZeRO-3: model.safetensors gets whole weights
+            if self.dist.is_main:
+                self._fill_checkpoint(tmp, deepspeed=True)
+                publish_dir(tmp, target)
+                self._prune()
+                self.log.save(self.step, target)
+        self.dist.barrier()
 
     def _prune(self):
         """Keeps the newest --keep complete checkpoints; removes older step dirs, complete or not (an

@@ -1,5 +1,5 @@
 """Real `torchrun --nproc_per_node 2` (gloo, CPU): DDP with batch b equals one process with batch 2b,
-for pretrain and SFT; DeepSpeed ZeRO-2 on 2 processes trains and its loss falls.
+for pretrain and SFT; DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes train, save and resume.
 
 Tolerance: 1e-5 absolute on per-step losses; weights after the run within 1e-5 except rare single
 elements (see _compare). The two runs do the same arithmetic except that gloo sums the two ranks'
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
@@ -107,15 +108,20 @@ def test_resume_with_a_different_world_size(prepared, tmp_path):
         assert abs(x - y) <= 1e-5, (la, lb)
 
 
-def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
+def deepspeed_cmd(stage: int, data: Path, out: Path) -> list[str]:
+    """The `deepspeed` launcher on 2 CPU processes: 20 pretraining steps of `tiny`, saved at 10 and 20."""
     pytest.importorskip("deepspeed")
     if shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("deepspeed launcher not installed")
-    cfg = ROOT / "configs" / "deepspeed" / "zero2.json"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "train.py"), "--stage", "pretrain", *ARGS[:-6], "--max-steps", "20", "--lr", "3e-3",
-           "--batch-size", "4", "--data", str(prepared["pretrain"]), "--out", str(tmp_path / "ds"),
-           "--deepspeed", str(cfg), "--save-every", "10", "--keep", "5"]
+    cfg = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(ROOT / "train.py"), "--stage", "pretrain", *ARGS[:-6], "--max-steps", "20", "--lr", "3e-3",
+            "--batch-size", "4", "--data", str(data), "--out", str(out), "--deepspeed", str(cfg),
+            "--save-every", "10", "--keep", "5"]
+
+
+def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
+    cmd = deepspeed_cmd(2, prepared["pretrain"], tmp_path / "ds")
     run(cmd, timeout=900)
     ls = losses(tmp_path / "ds")
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.5, ls
@@ -136,3 +142,73 @@ def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
     run(more, timeout=900)
     assert (tmp_path / "ds" / "step-22" / "model.safetensors").exists()
     assert len(losses(tmp_path / "ds")) == 22
+
+
+def test_deepspeed_zero3_two_processes_trains_saves_whole_weights_and_resumes(prepared, tmp_path):
+    """ZeRO-3 partitions every parameter across the ranks, the tied lm_head/embedding weight included
+    (the fused head reads it outside lm_head's forward: model.FusedHeadLoss). The loss falls; a checkpoint
+    holds the whole gathered weights, not each rank's empty placeholders; a run resumed from step 10
+    repeats steps 11-20 of the uninterrupted run exactly (model.safetensors + DeepSpeed's optimizer shards)."""
+    from minimind.checkpoint import load_checkpoint, load_config
+
+    run(deepspeed_cmd(3, prepared["pretrain"], tmp_path / "ds"), timeout=900)
+    ls = losses(tmp_path / "ds")
+    assert len(ls) == 20 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.5, ls
+
+    model, _ = load_checkpoint(tmp_path / "ds" / "step-20")
+    config = load_config(tmp_path / "ds" / "step-20")
+    assert model.model.embed_tokens.weight.shape == (config.vocab_size, config.hidden_size)
+    step10, step20 = (load_file(tmp_path / "ds" / f"step-{n}" / "model.safetensors") for n in (10, 20))
+    for k, v in step20.items():
+        assert v.numel() > 0 and bool(v.isfinite().all()), k
+        assert v.shape == model.state_dict()[k].shape, k
+    assert any(not step10[k].equal(step20[k]) for k in step20)  # it trained between the saves
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ds", resumed)
+    shutil.rmtree(resumed / "step-20")
+    run([*deepspeed_cmd(3, prepared["pretrain"], resumed), "--resume"], timeout=900)
+    lr = losses(resumed)
+    assert len(lr) == 20
+    for x, y in zip(ls, lr):
+        assert abs(x - y) <= 1e-5, (ls, lr)
+    again = load_file(resumed / "step-20" / "model.safetensors")
+    for k, v in step20.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+THREADS_AT_EXIT = """
+import json, os, sys
+from minimind.cli import train_main
+rc = train_main()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[sys.argv.index("--out") + 1] + f".threads-{os.environ['RANK']}.json"), "w") as f:
+    json.dump(names, f)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_two_process_run_ends_its_gloo_threads_before_exit(launcher, prepared, tmp_path):
+    """Issue 25: a DeepSpeed rank once aborted at exit ("terminate called without an active exception",
+    exit 250) after its last save. destroy_process_group alone leaves every gloo group referenced (by
+    DeepSpeed's engine and optimizer, by DDP, by torch._dynamo and deepspeed imported after the group
+    was made), so each group's threads (pt_gloo_runloop, gloo_tcp_loop) ran on into the interpreter's
+    shutdown and exit(). Now the run frees its groups before it returns: no gloo thread is left."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to list the process's threads")
+    script = tmp_path / "train_and_list_threads.py"
+    script.write_text(THREADS_AT_EXIT)
+    out = tmp_path / "run"
+    args = ["--stage", "pretrain", *ARGS[:-6], "--max-steps", "2", "--batch-size", "4",
+            "--data", str(prepared["pretrain"]), "--out", str(out)]
+    if launcher == "torchrun":
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), *args])
+    else:
+        cmd = deepspeed_cmd(2, prepared["pretrain"], out)
+        run([*cmd[: cmd.index(str(ROOT / "train.py"))], str(script), *args, "--deepspeed",
+             str(ROOT / "configs" / "deepspeed" / "zero2.json")])
+    for rank in (0, 1):
+        names = json.loads(Path(f"{out}.threads-{rank}.json").read_text())
+        assert not [n for n in names if "gloo" in n], (rank, names)
