@@ -145,8 +145,8 @@ def apply_penalties(logits, bp: BatchParams, counts, seen):
     return logits - bp.frequency.unsqueeze(1) * counts - bp.presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
-def top_k_top_p_mask(logits, top_k, top_p):
-    """-inf outside each row's top-k and nucleus (smallest set with probability >= top_p)."""
+def top_k_top_p_drop(logits, top_k, top_p):
+    """(B, V) bool: True outside each row's top-k and nucleus (smallest set with probability >= top_p)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
@@ -155,8 +155,7 @@ def top_k_top_p_mask(logits, top_k, top_p):
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
     drop = (ranks >= k) | (before >= top_p.unsqueeze(1))
     drop.select(1, 0).fill_(False)  # the most likely token always stays
-    drop = drop.scatter(1, order, drop)  # back to vocab order
-    return logits.masked_fill(drop, float("-inf"))
+    return drop.scatter(1, order, drop)  # back to vocab order
 
 
 def sample(logits, bp: BatchParams, steps, counts=None, seen=None):
@@ -169,11 +168,10 @@ def sample(logits, bp: BatchParams, steps, counts=None, seen=None):
         return greedy
     temp = bp.temperature.unsqueeze(1)
     scaled = logits / torch.where(temp > 0, temp, 1.0)
-    if bp.any_top:
-        scaled = top_k_top_p_mask(scaled, bp.top_k, bp.top_p)
     noisy = scaled + gumbel_noise(bp.seed, steps, logits.shape[-1])
-    # a masked token stays masked whatever its noise (-inf + inf would be NaN, which argmax takes)
-    drawn = noisy.masked_fill(scaled == float("-inf"), float("-inf")).argmax(dim=-1)
+    if bp.any_top:  # masked after the noise is added: a dropped token stays -inf whatever its noise
+        noisy = noisy.masked_fill(top_k_top_p_drop(scaled, bp.top_k, bp.top_p), float("-inf"))
+    drawn = noisy.argmax(dim=-1)
     return torch.where(bp.temperature > 0, drawn, greedy)
 
 
