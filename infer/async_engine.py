@@ -1,8 +1,10 @@
 """The engine loop for a server: one background thread runs `Engine.step()` while there is work and
 hands each request's deltas to the asyncio side through a per-job queue.
 
-HTTP handlers `submit()` a job (one or more sequences, e.g. `n=2`) and read `(index, Delta)` pairs
-from it. Model compute releases the GIL, so the event loop keeps serving while a step runs. A
+HTTP handlers `submit()` a job (every sequence of one client request: its prompts x `n`) and read
+`(index, Delta)` pairs from it; the engine admits a job's sequences fairly with other jobs' (they
+share one group, `Engine._admit`), and `cancel(job)` ends all of them, running or waiting. Model
+compute releases the GIL, so the event loop keeps serving while a step runs. A
 non-streaming job gets one delta per sequence, when it finishes: waking the event loop for every
 token costs a batch-1 request a core's worth of thread hand-offs on a small CPU (issue 19). A job
 whose reader goes away is aborted, which frees its cache rows at the next step. A sequence the
@@ -13,6 +15,7 @@ is work, a throughput line every `log_interval` seconds.
 """
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -32,6 +35,10 @@ class EngineStopped(Exception):
     """The loop is shutting down or died (HTTP 503)."""
 
 
+class ShutDown(EngineStopped):
+    """The server shut down before this job finished: its sequences were cut (HTTP 503 when not streaming)."""
+
+
 class RequestFailed(Exception):
     """The engine failed this job's sequence (HTTP 500); other jobs go on."""
 
@@ -47,6 +54,7 @@ class Job:
     label: str = ""  # the HTTP response id, for the log
     stream: bool = True  # False: only each sequence's final delta (all its text) is delivered
     submitted: float = field(default_factory=time.perf_counter)
+    cut: bool = False  # ended by a shutdown's grace period running out (finish_reason "length")
 
     async def deltas(self):
         """(index, Delta) pairs until every sequence has finished; raises the loop's error if it dies."""
@@ -67,6 +75,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._draining = False
+        self._groups = itertools.count()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -76,43 +86,72 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not (self._stopping or self._draining)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def submit(self, prompt: list[int], params: list[SamplingParams], label: str = "", stream: bool = True) -> Job:
         """Queue len(params) sequences of one prompt; raises ValueError (bad request), QueueFull, EngineStopped."""
+        return self.submit_many([(prompt, params)], label, stream)
+
+    def submit_many(self, prompts: list[tuple[list[int], list[SamplingParams]]], label: str = "",
+                    stream: bool = True) -> Job:
+        """One job of every (prompt, [params per sequence]) pair: its sequences are indexed in that
+        order (prompt-major, as a completion's choices are) and admitted as one group."""
         if not self.alive:
-            raise EngineStopped("the engine is not running")
-        for p in params:
-            self.engine.check(prompt, p)
+            raise EngineStopped("the server is shutting down" if self._draining else "the engine is not running")
+        for prompt, params in prompts:
+            for p in params:
+                self.engine.check(prompt, p)
+        count = sum(len(params) for _, params in prompts)
         with self._lock:
             waiting = len(self._jobs) - len(self.engine.running)
-            if waiting + len(params) > self.max_queue:
+            if waiting + count > self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting (max queue {self.max_queue})")
-            job = Job(requests=[], remaining=len(params), label=label, stream=stream)
+            job = Job(requests=[], remaining=count, label=label, stream=stream)
             loop = asyncio.get_running_loop()
-            for i, p in enumerate(params):
-                req = self.engine.add_request(prompt, p)
-                job.requests.append(req)
-                self._jobs[req.id] = (job, i, loop)
+            group = next(self._groups)
+            for prompt, params in prompts:
+                for p in params:
+                    req = self.engine.add_request(prompt, p, group=group)
+                    self._jobs[req.id] = (job, len(job.requests), loop)
+                    job.requests.append(req)
         self._wake.set()
         return job
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job, reason: str = "abort") -> None:
+        """End every sequence of `job` at the next step, running or waiting."""
         for req in job.requests:
             if req.finish_reason is None:
-                self.engine.abort(req)
+                self.engine.abort(req, reason)
         self._wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful shutdown: open jobs end with finish_reason 'abort', then the thread exits."""
+    def drain(self, grace: float, hurry=lambda: False) -> None:
+        """A graceful shutdown's first half: admit no new job (they get EngineStopped), let the open
+        ones run for up to `grace` seconds (less once `hurry()` is true: a second Ctrl-C), then cut
+        the rest short (finish_reason "length", `job.cut`) and wait until their last deltas are out."""
+        self._draining = True
+        deadline = time.monotonic() + grace
+        while self._working() and time.monotonic() < deadline and not hurry():
+            time.sleep(0.05)
         with self._lock:
-            for job, _, _ in list(self._jobs.values()):
-                self.cancel(job)
-        deadline = threading.Event()
-        for _ in range(int(timeout * 20)):
-            if not self.engine.has_work() or self._thread is None or not self._thread.is_alive():
-                break
-            deadline.wait(0.05)
+            jobs = {id(job): job for job, _, _ in self._jobs.values()}.values()
+        for job in jobs:
+            job.cut = True
+            self.cancel(job, reason="length")
+        deadline = time.monotonic() + 5.0
+        while self._working() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _working(self) -> bool:
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and (self.engine.has_work() or bool(self._jobs))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down: open jobs are cut at once (`drain(0)`), then the thread exits."""
+        self.drain(0.0)
         self._stopping = True
         self._wake.set()
         if self._thread is not None:

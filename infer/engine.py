@@ -72,6 +72,7 @@ class Request:
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
     error: Exception | None = None  # why a step failed this request (finish_reason "error")
+    group: object = None  # the sequences of one client request share it: fair admission (`Engine._admit`)
 
     @property
     def length(self) -> int:
@@ -116,8 +117,10 @@ def _bucket(n: int, multiple: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
-                 compile: bool | str = False, cuda_graphs: bool | str | None = None):
-        """`compile`: True compiles the decode step and keeps it if a timed warm-up finds it faster
+                 compile: bool | str = False, cuda_graphs: bool | str | None = None, max_group_rows: int | None = None):
+        """`max_group_rows`: the most cache rows the sequences of one group (one client request: its
+        prompts x n) hold at once (None: no cap); the rest wait while other groups' requests join.
+        `compile`: True compiles the decode step and keeps it if a timed warm-up finds it faster
         than eager here (`warmup_report` says); "always" keeps it regardless (tests, benchmarks).
         `cuda_graphs` (infer/graphs.py): replay each batch bucket's decode step from a CUDA graph
         captured here; None: on CUDA unless compiling; "static": the same static-shape steps without
@@ -132,7 +135,10 @@ class Engine:
             raise ValueError("compile and cuda_graphs are two ways to speed up decode: choose one")
         if cuda_graphs is True and not on_cuda:
             raise ValueError("cuda_graphs needs a model on a CUDA device (\"static\" runs their shapes anywhere)")
+        if max_group_rows is not None and max_group_rows < 1:
+            raise ValueError(f"max_group_rows must be at least 1, got {max_group_rows}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.max_group_rows = max_group_rows
         config = model.config
         self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
         if self.max_len > config.max_position_embeddings:
@@ -224,18 +230,22 @@ class Engine:
                 f"{params.max_new_tokens} more were asked for"
             )
 
-    def add_request(self, prompt: list[int], params: SamplingParams) -> Request:
-        """Queue a request (safe to call from another thread); it joins the batch at the next step."""
+    def add_request(self, prompt: list[int], params: SamplingParams, group=None) -> Request:
+        """Queue a request (safe to call from another thread); it joins the batch at a next step.
+        `group`: a hashable naming the client request it belongs to (None: a group of its own)."""
         self.check(prompt, params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.end_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), list(prompt), params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer))
+        rid = next(self._ids)
+        req = Request(rid, list(prompt), params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer),
+                      group=("request", rid) if group is None else group)
         req.logprobs = [] if params.logprobs is not None else None
-        self._inbox.append(("add", req))
+        self._inbox.append(("add", req, None))
         return req
 
-    def abort(self, req: Request) -> None:
-        self._inbox.append(("abort", req))
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """End a request at the next step, running or waiting, with finish_reason `reason`."""
+        self._inbox.append(("abort", req, reason))
 
     def has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.running)
@@ -243,11 +253,11 @@ class Engine:
     def _drain_inbox(self) -> list[Request]:
         aborted = []
         while self._inbox:
-            op, req = self._inbox.popleft()
+            op, req, reason = self._inbox.popleft()
             if op == "add":
                 self.waiting.append(req)
             elif req.finish_reason is None:
-                req.finish_reason = "abort"
+                req.finish_reason = reason
                 aborted.append(req)
         if aborted:
             self.waiting = collections.deque(r for r in self.waiting if r.finish_reason is None)
@@ -312,13 +322,34 @@ class Engine:
                 log.info(self.graphs_report)
 
     def _admit(self, n: int) -> list[Request]:
+        """Waiting requests to prefill into the free rows after the `n` running ones. Fair between
+        groups: each pick goes to the group holding the fewest rows (the earliest-waiting first on a
+        tie), and no group goes past `max_group_rows`; so a request of many sequences neither takes
+        every row nor delays a later small request's first token by more than a step while rows are
+        free. In arrival order when every request is a group of its own."""
+        if not self.waiting or n >= self.max_batch:
+            return []
+        held = collections.Counter(r.group for r in self.running)
+        queues: dict[object, collections.deque[Request]] = {}  # by group, groups in order of arrival
+        for r in self.waiting:
+            queues.setdefault(r.group, collections.deque()).append(r)
+        cap = self.max_group_rows or self.max_batch
         admitted, longest = [], 0
-        while self.waiting and n + len(admitted) < self.max_batch:
-            nxt = len(self.waiting[0].prompt)
+        while n + len(admitted) < self.max_batch:
+            group = min((g for g in queues if held[g] < cap), key=lambda g: held[g], default=None)
+            if group is None:
+                break
+            nxt = len(queues[group][0].prompt)
             if admitted and (self._solo or (len(admitted) + 1) * max(longest, nxt) > PREFILL_TOKEN_BUDGET):
                 break
             longest = max(longest, nxt)
-            admitted.append(self.waiting.popleft())
+            admitted.append(queues[group].popleft())
+            held[group] += 1
+            if not queues[group]:
+                del queues[group]
+        if admitted:
+            chosen = {id(r) for r in admitted}
+            self.waiting = collections.deque(r for r in self.waiting if id(r) not in chosen)
         self._solo = max(0, self._solo - len(admitted))
         return admitted
 

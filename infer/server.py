@@ -5,13 +5,15 @@ stops it gracefully. Handlers parse and validate the body themselves (strict pyd
 bad request gets OpenAI's error JSON with the right status (400/401/404/413/429/503), never
 FastAPI's 422 or a 500. `minimind serve` is `run(args)`.
 
-Guard rails against one client hurting the others: prompts are bounded in characters before they
-are tokenized, and tokenized off the event loop; a non-streaming request whose client hangs up is
-aborted like a stream; a connection must send its request head within `header_timeout` seconds.
+Guard rails against one client hurting the others: a request's sequences (prompts x n) are one
+job, admitted fairly with other requests' and capped in rows (`--max-request-rows`); a client that
+hangs up aborts all of them; prompts are bounded in characters before they are tokenized, and
+tokenized off the event loop; request heads and bodies have deadlines and open connections a cap
+(`infer.connections`). SIGINT/SIGTERM drains: new requests get 503, running ones get a grace
+period, then end with finish_reason "length" and `[DONE]` (or a 503 error when not streaming).
 """
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -28,16 +30,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from starlette.requests import ClientDisconnect
 
 from infer.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed
+from infer.connections import (
+    BODY_TIMEOUT,
+    HEADER_TIMEOUT,
+    ConnectionGuard,
+    GracefulServer,
+    ServerThread,
+    log_to_stderr,
+    uvicorn_config,
+)
 from infer.engine import ContextLengthError, Delta, Engine
 from infer.protocol import ChatRequest, CompletionRequest
 from infer.think import ThinkSplitter, split_reasoning
 from infer.tuning import engine_threads, usable_cores
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-HEADER_TIMEOUT = 10.0  # seconds for a connection to send a whole request head
+GRACE = 10.0  # seconds a shutdown lets running sequences finish
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +137,22 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone, or dropped for a body too slow (infer.connections): nobody reads this
+            raise APIError(499, "the client closed the connection before its body arrived",
+                           code="client_closed") from None
         return b"".join(chunks)
 
     @app.get("/health")
     async def health():
         if not loop_engine.alive:
-            raise APIError(503, "the engine is not running", type_="server_error", code="unavailable")
+            why = "the server is shutting down" if loop_engine.draining else "the engine is not running"
+            raise APIError(503, why, type_="server_error", code="unavailable")
         return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
 
     @app.get("/v1/models")
@@ -198,9 +214,9 @@ class _Handlers:
                                 f"{prompt_len}{asked}", param="messages", code="context_length_exceeded")
         return room if requested is None else requested
 
-    def _submit(self, prompt: list[int], params, label: str, stream: bool):
+    def _submit(self, pairs: list[tuple[list[int], list]], label: str, stream: bool):
         try:
-            return self.loop.submit(prompt, params, label, stream=stream)
+            return self.loop.submit_many(pairs, label, stream=stream)
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
@@ -229,7 +245,7 @@ class _Handlers:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens", code="invalid_value")
         params = [req.sampling(max_new, req.logprob_k, index=i) for i in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        job = self._submit(prompt, params, rid, req.stream)
+        job = self._submit([(prompt, params)], rid, req.stream)
         if req.stream:
             return _sse(self._chat_stream(req, job, rid, created, len(prompt)), job, self.loop)
         outs = await _collect(job, self.loop, request)
@@ -290,37 +306,27 @@ class _Handlers:
         prompts = [p if isinstance(p, list) else next(encoded) for p in req.prompts()]
         wants_scores = req.echo and req.logprobs is not None
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        jobs = []
-        try:
-            for prompt in prompts:
-                max_new = self._max_new(req.max_tokens, len(prompt))
-                params = [req.sampling(max_new, req.logprobs, req.logprobs if wants_scores else None, index=i)
-                          for i in range(req.n)]
-                jobs.append((prompt, self._submit(prompt, params, rid, req.stream)))
-        except APIError:
-            for _, job in jobs:
-                self.loop.cancel(job)
-            raise
+        if req.stream and len(prompts) != 1:
+            raise APIError(400, "stream=true takes a single prompt", param="prompt")
+        pairs = []
+        for prompt in prompts:
+            max_new = self._max_new(req.max_tokens, len(prompt))
+            pairs.append((prompt, [req.sampling(max_new, req.logprobs, req.logprobs if wants_scores else None,
+                                                index=i) for i in range(req.n)]))
+        job = self._submit(pairs, rid, req.stream)
         if req.stream:
-            if len(jobs) != 1:
-                for _, job in jobs:
-                    self.loop.cancel(job)
-                raise APIError(400, "stream=true takes a single prompt", param="prompt")
-            return _sse(self._completion_stream(req, jobs[0], rid, created), jobs[0][1], self.loop)
-        choices, total_prompt, outs_all = [], 0, []
-        for p_index, (prompt, job) in enumerate(jobs):
-            outs = await _collect(job, self.loop, request)
-            total_prompt += len(prompt)
-            outs_all += outs
-            for j, (text, tokens, lps, reason) in enumerate(outs):
-                echo_text = self.engine.tokenizer.decode(prompt) if req.echo else ""
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(prompt if req.echo else [], job.requests[j], tokens, lps)
-                choices.append({"index": p_index * req.n + j, "text": echo_text + text, "logprobs": logprobs,
-                                "finish_reason": _reason(reason)})
+            return _sse(self._completion_stream(req, (prompts[0], job), rid, created), job, self.loop)
+        outs = await _collect(job, self.loop, request)
+        choices = []
+        for index, ((text, tokens, lps, reason), seq) in enumerate(zip(outs, job.requests)):
+            echo_text = self.engine.tokenizer.decode(seq.prompt) if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs(seq.prompt if req.echo else [], seq, tokens, lps)
+            choices.append({"index": index, "text": echo_text + text, "logprobs": logprobs,
+                            "finish_reason": _reason(reason)})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
-                "choices": choices, "usage": _usage(total_prompt, outs_all)}
+                "choices": choices, "usage": _usage(sum(map(len, prompts)), outs)}
 
     def _completion_logprobs(self, echo_prompt, request, tokens, lps):
         """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset; echoed prompt first."""
@@ -408,6 +414,9 @@ async def _collect(job, loop_engine: AsyncEngine, request: Request):
         collecting.cancel()
         hung_up.cancel()
         loop_engine.cancel(job)  # no-op when finished; frees rows when the client went away
+    if job.cut:
+        raise APIError(503, "the server shut down before this request finished", type_="server_error",
+                       code="shutting_down")
     return [("".join(t), r.output, r.logprobs, r.finish_reason) for t, r in zip(texts, job.requests)]
 
 
@@ -433,102 +442,23 @@ def _sse(chunks, job, loop_engine: AsyncEngine) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-class _H11WithHeaderTimeout(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for each request head. uvicorn closes idle keep-alive
-    connections, but not one that sent part of a request line and went quiet: enough of those hold
-    every file descriptor (slowloris). The clock starts at the connection's (or the next request's)
-    first byte and is not reset by more bytes; a whole head stops it."""
-
-    def __init__(self, *args, header_timeout: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.header_timeout = header_timeout
-        self.header_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.cycle is None or self.cycle.response_complete:  # still waiting for a whole head
-            self._arm()
-        else:
-            self._disarm()
-
-    def connection_lost(self, exc):
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self.header_deadline is None:
-            self.header_deadline = self.loop.call_later(self.header_timeout, self._expire)
-
-    def _disarm(self) -> None:
-        if self.header_deadline is not None:
-            self.header_deadline.cancel()
-            self.header_deadline = None
-
-    def _expire(self) -> None:
-        self.header_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-
-def uvicorn_config(app, host: str, port: int, header_timeout: float = HEADER_TIMEOUT, **kwargs):
-    import uvicorn
-
-    http = functools.partial(_H11WithHeaderTimeout, header_timeout=header_timeout)
-    return uvicorn.Config(app, host=host, port=port, http=http, log_level="warning", **kwargs)
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1 from a background thread (tests, benchmarks, the web demo's
-    self-check); `with ServerThread(app) as url:` stops it on exit."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT):
-        import uvicorn
-
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout))
-        self.thread = None
-
-    def __enter__(self) -> str:
-        import threading
-
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.thread.start()
-        for _ in range(600):
-            if self.server.started:
-                return self.url
-            if not self.thread.is_alive():
-                raise RuntimeError(f"the server at {self.url} failed to start")
-            time.sleep(0.05)
-        raise RuntimeError(f"the server at {self.url} did not start in 30 s")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def run(args) -> int:
     """`minimind serve`: take the port, load the checkpoint, then serve until Ctrl-C / SIGTERM."""
-    import uvicorn
 
     from minimind.checkpoint import CheckpointError
 
-    _log_to_stderr()
+    log_to_stderr()
     try:  # before the checkpoint loads: a busy port fails in a second, not after the model is up
         sock = _listen(args.host, args.port)
     except OSError as e:
         print(f"minimind serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
+        max_batch = args.max_batch
+        rows = getattr(args, "max_request_rows", None) or max(1, max_batch // 2)
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
-                                        max_batch=args.max_batch, max_len=getattr(args, "max_len", None),
+                                        max_batch=max_batch, max_group_rows=min(rows, max_batch),
+                                        max_len=getattr(args, "max_len", None),
                                         compile=getattr(args, "compile", False), dtype=getattr(args, "dtype", "auto"),
                                         allow_nonfinite=getattr(args, "allow_nonfinite", False))
     except (CheckpointError, OSError, ValueError) as e:
@@ -538,9 +468,14 @@ def run(args) -> int:
     name = args.model_name or run_name(args.ckpt)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      threads=getattr(args, "threads", None) or engine_threads(next(engine.model.parameters()).device))
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, timeout_graceful_shutdown=10,
-                                           header_timeout=getattr(args, "header_timeout", HEADER_TIMEOUT)))
+    guard = ConnectionGuard(header_timeout=getattr(args, "header_timeout", HEADER_TIMEOUT),
+                            body_timeout=getattr(args, "body_timeout", BODY_TIMEOUT),
+                            max_connections=getattr(args, "max_connections", None))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (at most {guard.max_connections} connections)",
+          file=sys.stderr, flush=True)
+    # uvicorn's own grace (after ours has drained the engine) only waits for responses being written
+    server = GracefulServer(uvicorn_config(app, args.host, args.port, guard, timeout_graceful_shutdown=5),
+                            drain=app.state.engine.drain, grace=getattr(args, "grace", GRACE))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
     # was there before it; ours makes that a normal exit (status 0) instead of death by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -568,17 +503,8 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _log_to_stderr() -> None:
-    """The `infer` loggers (per-request lines, throughput, the engine's layout) to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logger = logging.getLogger("infer")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-
 def _exit_zero(signum, frame):
     raise SystemExit(0)
 
 
-__all__ = ["create_app", "run", "Delta"]
+__all__ = ["create_app", "run", "Delta", "ServerThread"]

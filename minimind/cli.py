@@ -8,6 +8,8 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +55,32 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def seconds(value: str, allow_zero: bool = False) -> float:
+    """A finite number of seconds, positive (or, with allow_zero, not negative)."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds {'>= 0' if allow_zero else '> 0'}, "
+                                         f"got {value!r}")
+    return x
+
+
+def seconds_or_zero(value: str) -> float:
+    return seconds(value, allow_zero=True)
+
+
+def thread_count(value: str) -> int:
+    """1..the cores this process may run on: more threads than cores make every OpenMP region wait for
+    threads the scheduler parked (three batch requests on 2 cores: 180 s at 999 threads, 1.7 s at 1)."""
+    n = positive_int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > cores:
+        raise argparse.ArgumentTypeError(f"{n} threads on {cores} usable cores: use 1 to {cores}")
     return n
 
 
@@ -279,9 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", metavar="ID")
     p.add_argument("--max-batch", type=positive_int, default=32)
     p.add_argument("--max-queue", type=positive_int, default=256)
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--max-request-rows", type=positive_int, metavar="N",
+                   help="the most batch rows one request's sequences (prompts x n) hold at once; the rest wait "
+                        "while other requests join (default: half of --max-batch)")
+    p.add_argument("--header-timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a whole request head in this time")
-    p.add_argument("--threads", type=positive_int, metavar="N",
+    p.add_argument("--body-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="answer 408 and close when a request body has not arrived this long after its head")
+    p.add_argument("--max-connections", type=positive_int, metavar="N",
+                   help="open connections at most; at the cap a new one closes the oldest still sending a request, "
+                        "or gets 503 (default: the open-file limit less 128)")
+    p.add_argument("--grace", type=seconds_or_zero, default=10.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, let running requests finish this long; then end them (finish_reason "
+                        "length)")
+    p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch threads of the engine thread (default: on a CPU of up to 8 cores, one fewer "
                         "than its cores: the event loop keeps one)")
     _engine_arguments(p)
