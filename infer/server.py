@@ -53,14 +53,27 @@ class APIError(Exception):
 
 
 def _validation_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
-    if err["type"] == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {err['msg']}", code="invalid_json")
-    # a union reports a path per branch ("stop.list[str]"); keep field names and indices only
-    path = [str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_NAMES]
-    where = ".".join(path)
-    return APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None,
-                    code="invalid_value")
+    errors = e.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+    # a union reports an error per branch, the first being its first branch's ("prompt": [] -> "Input should
+    # be a valid string"); of the first field's errors, report the branch that got furthest into the value
+    field = errors[0]["loc"][:1]
+    err = max((er for er in errors if er["loc"][:1] == field), key=_progress)
+    where = ".".join(_path(err["loc"]))
+    msg = err["msg"].removeprefix("Value error, ")  # a ValueError from one of our validators
+    return APIError(400, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
+
+
+def _path(loc) -> list[str]:
+    """Field names and indices only: a union's branch shows in `loc` as its type ("stop.list[str].1")."""
+    return [str(p) for p in loc if isinstance(p, int) or p.isidentifier() and p not in _TYPE_NAMES]
+
+
+def _progress(err) -> tuple:
+    """Deeper, then at later indices, then past the type check: ties go to the earlier error (max keeps it)."""
+    path = _path(err["loc"])
+    return len(path), [int(p) for p in path if p.isdigit()], not err["type"].endswith("_type")
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
