@@ -1,15 +1,22 @@
-"""The server's request limits under abuse (issue 26), over real HTTP on 127.0.0.1: every count limit is a
-400 naming the limit and its param, and a field that takes several shapes names what is wrong in the one sent."""
+"""The server's request limits and logprobs under abuse (issue 26), over real HTTP on 127.0.0.1: every count
+limit is a 400 naming the limit and its param; `logprobs: 20` gives 20 entries on every token even where many
+tokens decode to the same text (byte-level BPE pieces of a UTF-8 character), with their true bytes."""
 
 import httpx
 import openai
 import pytest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from infer.engine import Engine
 from infer.protocol import MAX_PROMPTS, MAX_SEQUENCES, MAX_STOPS
 from infer.sampling import MAX_TOP_LOGPROBS
 from infer.server import ServerThread, create_app
+from infer.tokens import token_table
+from minimind.data.tokenizer import load_tokenizer
 from tests.test_server import MSGS, wide_checkpoint
+
+# a prompt the tokenizer splits into byte pieces: the emoji and the rare ideographs are not in its vocabulary
+PROMPT = "Hello 🙂 鑫 world, 刘杰住在哪个地方"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +35,16 @@ def url(wide_ckpt):
 @pytest.fixture(scope="module")
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def true_bytes(wide_ckpt) -> list[bytes]:
+    """Each id's bytes, from transformers' own GPT-2 byte map (not infer.tokens's)."""
+    tok = load_tokenizer(wide_ckpt)
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()}
+    return [t.encode() if t in special else bytes(byte_of[c] for c in t)
+            for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
 
 
 def _post(url, path, body) -> httpx.Response:
@@ -109,3 +126,88 @@ def test_union_fields_errors_name_the_field(url, name, path, body, param):
     assert err["param"] == param and err["message"].startswith(f"{param}: "), err
     if name == "prompt empty":
         assert "at least 1 item" in err["message"], err
+
+
+# ---- logprobs: one entry per token id ----
+
+def _assert_twenty_distinct(top_logprobs: list[dict]) -> None:
+    sizes = [len(d) for d in top_logprobs]
+    assert sizes == [MAX_TOP_LOGPROBS] * len(sizes), sizes
+
+
+def _bytes_of(spelled: str) -> bytes:
+    """The bytes a logprobs token string stands for: OpenAI's "bytes:\\xNN..." or UTF-8 text."""
+    if spelled.startswith("bytes:"):
+        return bytes(int(h, 16) for h in spelled.removeprefix("bytes:").split("\\x")[1:])
+    return spelled.encode()
+
+
+def test_completion_logprobs_20_on_every_token_with_echo(client, wide_ckpt, true_bytes):
+    ids = load_tokenizer(wide_ckpt).encode(PROMPT)
+    assert any(_invalid(true_bytes[i]) for i in ids), "the prompt must hold partial-character tokens"
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, echo=True, logprobs=20, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs[0] is None and len(lp.tokens) == len(ids) + 8
+    _assert_twenty_distinct(lp.top_logprobs[1:])
+    assert [_bytes_of(t) for t in lp.tokens[: len(ids)]] == [true_bytes[i] for i in ids]
+    assert all(t in d and lp.token_logprobs[i + len(ids)] == max(d.values())  # greedy: the top entry is chosen
+               for i, (t, d) in enumerate(zip(lp.tokens[len(ids):], lp.top_logprobs[len(ids):])))
+    assert all(set(map(_bytes_of, d)) <= set(true_bytes) for d in lp.top_logprobs[1:])
+    # offsets count the text's characters: the emoji's four byte tokens start where it does, and count once
+    want = [len(b"".join(true_bytes[t] for t in ids[:i]).decode("utf-8", errors="ignore")) for i in range(len(ids))]
+    assert lp.text_offset[: len(ids)] == want
+    assert r.choices[0].text.startswith(PROMPT) and lp.text_offset[len(ids)] == len(PROMPT)
+
+
+def test_completion_logprobs_20_on_every_token_sampled_and_streamed(client):
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=24, logprobs=20, temperature=1.0, seed=3,
+              extra_body={"ignore_eos": True})
+    lp = client.completions.create(**kw).choices[0].logprobs
+    assert len(lp.tokens) == 24
+    _assert_twenty_distinct(lp.top_logprobs)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert sum(len(s.tokens) for s in streamed) == 24
+    _assert_twenty_distinct([d for s in streamed for d in s.top_logprobs])
+    assert [t for s in streamed for t in s.tokens] == lp.tokens  # the same seed: the same tokens
+
+
+def test_chat_top_logprobs_20_with_true_bytes(client, true_bytes):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=24,
+                                       temperature=1.0, seed=5, logprobs=True, top_logprobs=20,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 24
+    entries = [*content, *(t for e in content for t in e.top_logprobs)]
+    assert all(len(e.top_logprobs) == 20 and len({bytes(t.bytes) for t in e.top_logprobs}) == 20 for e in content)
+    assert all(bytes(e.bytes) == _bytes_of(e.token) and bytes(e.bytes) in true_bytes for e in entries)
+    assert any(_invalid(bytes(e.bytes)) for e in entries), "no partial-character token came up: test nothing"
+
+
+def _invalid(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_token_table_spells_as_openai_and_keys_are_unique(wide_ckpt, true_bytes):
+    tok = load_tokenizer(wide_ckpt)
+    table = token_table(tok)
+    assert token_table(tok) is table  # built once per tokenizer
+    assert list(table.raw) == true_bytes and len(set(table.key)) == len(table.key)
+    for i, raw in enumerate(true_bytes):
+        want = "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if _invalid(raw) else tok.decode([i])
+        assert table.text[i] == want
+    assert table.text[tok.convert_tokens_to_ids("<|im_end|>")] == "<|im_end|>"
+
+
+def test_token_table_keeps_one_key_per_id_when_texts_collide(wide_ckpt, monkeypatch):
+    """No stock vocabulary has two ids with the same bytes; a tokenizer with a duplicate added token would."""
+    tok = load_tokenizer(wide_ckpt)
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    tokens[10] = tokens[9]
+    monkeypatch.setattr(type(tok), "convert_ids_to_tokens", lambda self, ids: tokens)
+    table = token_table.__wrapped__(tok)
+    assert table.text[10] == table.text[9] == table.key[9] and table.key[10] == "token_id:10"
