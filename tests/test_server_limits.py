@@ -1,6 +1,13 @@
 """The server's request limits and logprobs under abuse (issue 26), over real HTTP on 127.0.0.1: every count
 limit is a 400 naming the limit and its param; `logprobs: 20` gives 20 entries on every token even where many
-tokens decode to the same text (byte-level BPE pieces of a UTF-8 character), with their true bytes."""
+tokens decode to the same text (byte-level BPE pieces of a UTF-8 character), with their true bytes; and
+`minimind eval --device cuda` without CUDA is a usage error naming --device."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -12,7 +19,9 @@ from infer.protocol import MAX_PROMPTS, MAX_SEQUENCES, MAX_STOPS
 from infer.sampling import MAX_TOP_LOGPROBS
 from infer.server import ServerThread, create_app
 from infer.tokens import token_table
+from minimind.cli import build_parser, main
 from minimind.data.tokenizer import load_tokenizer
+from tests.conftest import ROOT
 from tests.test_server import MSGS, wide_checkpoint
 
 # a prompt the tokenizer splits into byte pieces: the emoji and the rare ideographs are not in its vocabulary
@@ -211,3 +220,33 @@ def test_token_table_keeps_one_key_per_id_when_texts_collide(wide_ckpt, monkeypa
     monkeypatch.setattr(type(tok), "convert_ids_to_tokens", lambda self, ids: tokens)
     table = token_table.__wrapped__(tok)
     assert table.text[10] == table.text[9] == table.key[9] and table.key[10] == "token_id:10"
+
+
+# ---- eval --device ----
+
+def test_eval_device_cuda_without_cuda_is_a_usage_error(tiny_ckpt, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("hello world\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA here even on a GPU machine
+    proc = subprocess.run([sys.executable, "-m", "minimind.cli", "eval", "ppl", "--ckpt", str(tiny_ckpt), "--data",
+                           str(data), "--device", "cuda"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --device: cuda: no CUDA device is available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["choice", "ppl", "lm-eval", "answers"])
+def test_every_eval_checks_its_device(tiny_ckpt, tmp_path, monkeypatch, command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    need = {"choice": ["--data", str(tmp_path)], "ppl": ["--data", str(tmp_path)], "lm-eval": ["--tasks", "x"],
+            "answers": ["--data", str(tmp_path)]}[command]
+    for device, words in (("cuda", "no CUDA device is available"), ("tpu", "expected cpu, cuda or cuda:N")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            main(["eval", command, "--ckpt", str(tiny_ckpt), *need, "--device", device])
+        assert e.value.code == 2, err.getvalue()
+        assert "argument --device: " in err.getvalue() and words in err.getvalue(), err.getvalue()
+    args = build_parser().parse_args(["eval", command, "--ckpt", str(tiny_ckpt), *need])
+    assert args.device == "auto"
