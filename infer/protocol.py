@@ -6,12 +6,14 @@ fields are ignored, as OpenAI-compatible servers do, so clients that send extras
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
 
 from infer.sampling import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_STOPS = 16
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_SEQUENCES = 64  # prompts x n: the sequences one completions request may start
 
 
 class _Request(BaseModel):
@@ -25,12 +27,21 @@ class _Request(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None  # at most MAX_STOPS strings (_stop_count)
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stream: StrictBool = False
     stream_options: "StreamOptions | None" = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_count(cls, value):
+        """Before the union: checked inside it, a long list is reported by the union's first branch
+        ("Input should be a valid string"), which does not say what is wrong."""
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"{len(value)} strings; at most {MAX_STOPS} per request")
+        return value
 
     def sampling(self, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                  index: int = 0) -> SamplingParams:
@@ -110,6 +121,20 @@ class CompletionRequest(_Request):
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # OpenAI's default for completions
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, value, info: ValidationInfo):
+        """At most MAX_PROMPTS prompts, and MAX_SEQUENCES sequences (prompts x n, n validated before prompt:
+        it is declared first); a list of token ids is one prompt."""
+        count = 1 if isinstance(value, str) or isinstance(value[0], int) else len(value)
+        if count > MAX_PROMPTS:
+            raise ValueError(f"{count} prompts; at most {MAX_PROMPTS} per request")
+        n = info.data.get("n", 1)
+        if count * n > MAX_SEQUENCES:
+            raise ValueError(f"{count} prompts x n={n} = {count * n} sequences; at most {MAX_SEQUENCES} per request "
+                             f"(fewer prompts, or a smaller n)")
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):

@@ -45,6 +45,7 @@ from infer.connections import (
 from infer.engine import ContextLengthError, Delta, Engine
 from infer.protocol import ChatRequest, CompletionRequest
 from infer.think import ThinkSplitter, split_reasoning
+from infer.tokens import token_table
 from infer.tuning import engine_threads, usable_cores
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -64,14 +65,27 @@ class APIError(Exception):
 
 
 def _validation_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
-    if err["type"] == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {err['msg']}", code="invalid_json")
-    # a union reports a path per branch ("stop.list[str]"); keep field names and indices only
-    path = [str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_NAMES]
-    where = ".".join(path)
-    return APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None,
-                    code="invalid_value")
+    errors = e.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+    # a union reports an error per branch, the first being its first branch's ("prompt": [] -> "Input should
+    # be a valid string"); of the first field's errors, report the branch that got furthest into the value
+    field = errors[0]["loc"][:1]
+    err = max((er for er in errors if er["loc"][:1] == field), key=_progress)
+    where = ".".join(_path(err["loc"]))
+    msg = err["msg"].removeprefix("Value error, ")  # a ValueError from one of our validators
+    return APIError(400, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value")
+
+
+def _path(loc) -> list[str]:
+    """Field names and indices only: a union's branch shows in `loc` as its type ("stop.list[str].1")."""
+    return [str(p) for p in loc if isinstance(p, int) or p.isidentifier() and p not in _TYPE_NAMES]
+
+
+def _progress(err) -> tuple:
+    """Deeper, then at later indices, then past the type check: ties go to the earlier error (max keeps it)."""
+    path = _path(err["loc"])
+    return len(path), [int(p) for p in path if p.isdigit()], not err["type"].endswith("_type")
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -227,7 +241,9 @@ class _Handlers:
             raise APIError(503, str(e), type_="server_error", code="unavailable") from None
 
     def _token_str(self, token: int) -> str:
-        return self.engine.tokenizer.decode([token], skip_special_tokens=False)
+        """The token's key in a legacy `top_logprobs` dict: its text, or OpenAI's `bytes:\\xNN` spelling for
+        bytes that are not UTF-8, unique per id (infer.tokens)."""
+        return token_table(self.engine.tokenizer).key[token]
 
     # ---- chat ----
 
@@ -287,9 +303,10 @@ class _Handlers:
                                    "total_tokens": prompt_len + sum(counts)})
 
     def _chat_logprobs(self, tokens, lps):
-        def entry(tok, lp):
-            s = self._token_str(tok)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        table = token_table(self.engine.tokenizer)
+
+        def entry(tok, lp):  # `bytes`: the token's own, not those of the U+FFFD a partial character decodes to
+            return {"token": table.text[tok], "logprob": lp, "bytes": list(table.raw[tok])}
 
         content = []
         for tok, (lp, top) in zip(tokens, lps or []):
@@ -329,22 +346,22 @@ class _Handlers:
                 "choices": choices, "usage": _usage(sum(map(len, prompts)), outs)}
 
     def _completion_logprobs(self, echo_prompt, request, tokens, lps):
-        """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset; echoed prompt first."""
+        """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset; echoed prompt first. A token
+        (in `tokens` and as a `top_logprobs` key) is `_token_str`'s: each id its own key, so a dict holds
+        exactly the `logprobs` asked for. `text_offset` counts characters of the text the tokens decode to
+        together (the choice's text, or in a stream the chunk's tokens), not of their keys: a character
+        split over two tokens is one character, and both tokens start where it does."""
         entries = []
         if echo_prompt:
             scores = request.prompt_logprobs or [None] * len(echo_prompt)
             entries += [(t, s) for t, s in zip(echo_prompt, scores)]
         entries += list(zip(tokens, lps or []))
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
-        for tok, score in entries:
-            s = self._token_str(tok)
-            out["tokens"].append(s)
-            out["text_offset"].append(offset)
-            offset += len(s)
-            out["token_logprobs"].append(None if score is None else score[0])
-            out["top_logprobs"].append(None if score is None else {self._token_str(t): v for t, v in score[1].items()})
-        return out
+        ids = [tok for tok, _ in entries]
+        return {"tokens": [self._token_str(tok) for tok in ids],
+                "token_logprobs": [None if score is None else score[0] for _, score in entries],
+                "top_logprobs": [None if score is None else {self._token_str(t): v for t, v in score[1].items()}
+                                 for _, score in entries],
+                "text_offset": token_table(self.engine.tokenizer).text_offsets(ids)}
 
     async def _completion_stream(self, req: CompletionRequest, prompt_job, rid, created):
         prompt, job = prompt_job

@@ -241,8 +241,12 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    def device(value: str) -> str:  # checked as serve's is: `--device cuda` on a CPU machine is a usage error
+        return value if value == "auto" else device_name(value)
+
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
+                   help="auto (cuda when this machine has it, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="default: as saved (float32)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
     p.add_argument("--force", action="store_true", help="replace an existing --report file (never an input)")
