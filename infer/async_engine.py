@@ -209,7 +209,7 @@ class AsyncEngine:
 def _log_finished(job: Job) -> None:
     seconds = time.perf_counter() - job.submitted
     completion = sum(len(r.output) for r in job.requests)
-    reasons = ",".join(sorted({r.finish_reason for r in job.requests}))
+    reasons = "cut short by a shutdown" if job.cut else ",".join(sorted({r.finish_reason for r in job.requests}))
     log.info("request %s done (%s): prompt %d tokens, completion %d tokens, %.2f s, %.1f tokens/s", job.label,
              reasons, len(job.requests[0].prompt), completion, seconds, completion / max(seconds, 1e-9))
 

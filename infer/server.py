@@ -14,6 +14,7 @@ period, then end with finish_reason "length" and `[DONE]` (or a 503 error when n
 """
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -135,16 +136,8 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
     async def _internal(request, exc):
         return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if expected_auth is not None and request.url.path.startswith("/v1/"):
-            # constant time: a byte-by-byte compare would leak how much of a guessed key is right;
-            # starlette decodes headers as latin-1, so this gives back the bytes that were sent
-            given = request.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(given, expected_auth):
-                return APIError(401, "missing or wrong API key (expected 'Authorization: Bearer KEY')",
-                                type_="authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+    if expected_auth is not None:
+        app.add_middleware(_KeyCheck, expected=expected_auth)
 
     async def body_of(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -187,6 +180,25 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
         return await handlers.completions(_parse(CompletionRequest, await body_of(request)), request)
 
     return app
+
+
+class _KeyCheck:
+    """401 for a /v1/ request without `Authorization: Bearer KEY`. Plain ASGI, not starlette's
+    BaseHTTPMiddleware: that costs each request a task group and streams, and a flood of requests
+    that never finish their bodies multiplies it."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            # constant time: a byte-by-byte compare would leak how much of a guessed key is right
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "missing or wrong API key (expected 'Authorization: Bearer KEY')",
+                                    type_="authentication_error", code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _parse(model, body: bytes):
@@ -497,6 +509,9 @@ def run(args) -> int:
     # was there before it; ours makes that a normal exit (status 0) instead of death by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_zero)
+    # the ~200k objects of torch, the model and the tokenizer out of the collector's sight: else each
+    # full collection costs ~0.1 s of the event loop, and a burst of connections triggers several
+    gc.freeze()
     try:
         server.run(sockets=[sock])
     except SystemExit:
