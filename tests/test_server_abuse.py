@@ -260,3 +260,57 @@ def test_sigterm_ends_every_stream_with_done_and_exits_0(wide_ckpt):
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down", resp.text
     assert code == 0, out[-3000:]
     assert "Traceback" not in out and "ERROR" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--threads", "999"], "--threads: 999 threads on"),
+    (["--threads", "0"], "--threads"),
+    (["--header-timeout", "0"], "--header-timeout"),
+    (["--header-timeout", "-1"], "--header-timeout"),
+    (["--header-timeout", "nan"], "--header-timeout"),
+    (["--header-timeout", "inf"], "--header-timeout"),
+    (["--body-timeout", "0"], "--body-timeout"),
+    (["--body-timeout", "inf"], "--body-timeout"),
+    (["--grace", "-1"], "--grace"),
+    (["--max-request-rows", "0"], "--max-request-rows"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--device", "cuda"], "--device: cuda: no CUDA device is available"),
+])
+def test_serve_flags_that_would_break_it_are_usage_errors(wide_ckpt, flags, names):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "minimind.cli", "serve", "--ckpt", str(wide_ckpt), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and names in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_chat_device_cuda_without_cuda_is_a_usage_error(wide_ckpt):
+    proc = subprocess.run([sys.executable, "-m", "minimind.cli", "chat", "--ckpt", str(wide_ckpt), "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, input="",
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "--device: cuda: no CUDA device" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_at_the_connection_cap_the_oldest_stalled_connection_makes_room(wide_ckpt):
+    """--max-connections 3: a new connection closes the oldest one still sending its request; when every
+    connection has a request in the app, the new one gets a JSON 503."""
+    engine = Engine.from_checkpoint(wide_ckpt, max_batch=4, max_len=1024)
+    with ServerThread(create_app(engine, model_name="tiny"), max_connections=3) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for s in stalled:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.05)
+        assert _health(url)["status"] == "ok"  # room made by closing the oldest
+        stalled[0].settimeout(5)
+        assert stalled[0].recv(100) == b""
+        for s in stalled:
+            s.close()
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "ignore_eos": True}
+        busy = [threading.Thread(target=httpx.post, args=(url + "/v1/completions",), daemon=True,
+                                 kwargs={"json": body, "timeout": 60}) for _ in range(3)]
+        for t in busy:
+            t.start()
+        assert _until(lambda: len(engine.running) == 3, limit=30)[0]  # each of the three is busy in the app
+        refused = httpx.get(url + "/health", timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
