@@ -95,7 +95,10 @@ def main(argv=None) -> int:
     grpo = prepare("grpo", rlaif, tok, out / "prepared" / "grpo", max_seq_len=256)
     print(f"prepared in {time.perf_counter() - t:.1f}s")
 
-    common = ["--seq-len", "256", "--batch-size", args.batch_size, "--log-every", "20", "--save-every", "1000"]
+    # float32 pinned (not --dtype auto, which times bf16 at start): the demo's accuracies are then the same
+    # on every machine, whether or not its CPU multiplies bf16 fast
+    common = ["--seq-len", "256", "--batch-size", args.batch_size, "--log-every", "20", "--save-every", "1000",
+              "--dtype", "float32"]
     t = _step("4/7 pretrain")
     _train(["--stage", "pretrain", *DEMO_MODEL, "--data", pre, "--tokenizer", tok, "--out", out / "pretrain",
             "--max-time", args.pretrain_time, "--lr", args.pretrain_lr, "--weight-decay", args.pretrain_wd,
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     t = _step("7/7 GRPO on arithmetic prompts")
     _train(["--stage", "grpo", "--init", out / "sft", "--data", grpo, "--out", out / "grpo", "--max-steps",
             args.grpo_steps, "--batch-size", "8", "--group-size", "8", "--max-new-tokens", "24", "--seq-len", "64",
-            "--lr", args.grpo_lr, "--log-every", "5", "--save-every", "1000"])
+            "--lr", args.grpo_lr, "--log-every", "5", "--save-every", "1000", "--dtype", "float32"])
     after = _evaluate(out / "grpo", grpo_eval, out / "eval" / "grpo_after.json")
     print(f"GRPO in {time.perf_counter() - t:.0f}s")
     print(f"held-out arithmetic ({HELD_OUT_GRPO} problems never in any training file, each in English and "

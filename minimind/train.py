@@ -96,7 +96,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:  # bf16 where it is fast and safe; fp32 on CPU keeps runs bit-reproducible
+    """None or "auto": bf16 on CUDA where supported; on a CPU float32 until `Trainer._time_dtype` has
+    timed the two at the run's shape (`minimind.dtype_choice`)."""
+    if name in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -152,9 +154,13 @@ class Trainer:
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
+        self.dtype_timing = None  # --dtype auto on a CPU: {dtype name: seconds of a forward + backward}
+        timing_s = self._time_dtype() if self.cfg.dtype in (None, "auto") and self.device.type == "cpu" else 0.0
+        # Muon's iteration in bf16 when the run is (on a CPU: only where bf16 was timed faster)
+        ns_dtype = torch.bfloat16 if self.dtype in (torch.bfloat16, torch.float16) else None
         self.optimizer = build_optimizer(self.model, self.cfg.optim, lr=self.cfg.lr,
                                          weight_decay=self.cfg.weight_decay, device=self.device,
-                                         betas=self.cfg.adam_betas)
+                                         betas=self.cfg.adam_betas, ns_dtype=ns_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
         self._tokens = self._useful = 0  # this rank's counts since the last _count_tokens()
@@ -163,11 +169,14 @@ class Trainer:
         self.last_step = None
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
-        self._elapsed_before = 0.0
+        self._elapsed_before = timing_s  # the timings at start count inside --max-time
         if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
-            text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+            record = self.cfg.to_dict()
+            if self.dtype_timing is not None:
+                record.update(dtype_chosen=str(self.dtype).removeprefix("torch."), dtype_timing=self.dtype_timing)
+            text = json.dumps(record, indent=2) + "\n"
             with writing("run.json", self.out / "run.json", need=len(text.encode())):
                 (self.out / "run.json").write_text(text)
         if self.cfg.deepspeed:
@@ -186,6 +195,38 @@ class Trainer:
         self._compiling = self.cfg.compile
         self._start = time.perf_counter()
         self._epochs_begun = int(self.setup.loader_epoch())
+
+    def _time_dtype(self) -> float:
+        """--dtype auto on a CPU: a forward and backward at the run's batch shape in float32 and in
+        bfloat16 autocast, taking turns; the faster (bf16 by at least 10%) is the run's dtype. A
+        resumed run keeps the dtype run.json recorded. Every rank times and the sums decide, so all
+        ranks agree. -> seconds spent."""
+        from minimind.data.loader import Batch
+        from minimind.dtype_choice import choose, describe, train_dtype
+        from minimind.objectives import token_nll
+
+        if self.cfg.resume:
+            chosen = read_json(self.out / "run.json", context=" (the run's resolved flags)").get("dtype_chosen")
+            if chosen in ("float32", "bfloat16"):
+                self.dtype = pick_dtype(chosen, self.device)
+                self.log.message(f"--dtype auto: {chosen}, as this run chose when it started")
+                return 0.0
+        started = time.perf_counter()
+        b, t = self.cfg.batch_size, self.cfg.seq_len
+        gen = torch.Generator().manual_seed(0)  # the run's own random state is left as it is
+        ids = torch.randint(self.raw_model.config.vocab_size, (b, t + 1), generator=gen).to(self.device)
+        batch = Batch(ids[:, :-1], ids[:, 1:], torch.ones(b, t, device=self.device), None)
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.log.message(f"--dtype auto: timing a forward and backward at {b} x {t} in float32 and bfloat16")
+        _, times = train_dtype(lambda: token_nll(self.raw_model, batch)[0], params, self.device)
+        names = list(times)
+        summed = self.dist.all_reduce_sums([times[d] for d in names])
+        times = dict(zip(names, (float(x) for x in summed)))
+        times = {d: s / self.dist.world_size for d, s in times.items()}  # the ranks' mean
+        self.dtype = choose(times)
+        self.dtype_timing = {str(d).removeprefix("torch."): round(s, 4) for d, s in times.items()}
+        self.log.message(describe(f"--dtype auto, a forward and backward at {b} x {t}", times, self.dtype))
+        return time.perf_counter() - started
 
     def _undo_if_fresh(self, unsaved: bool = False):
         """A fresh run that fails before its first step leaves its directory as it found it, so the same

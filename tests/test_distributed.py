@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
 
-ARGS = ["--model", "tiny", "--seq-len", "64", "--log-every", "1", "--device", "cpu", "--max-steps", "6",
-        "--lr", "3e-3", "--warmup-steps", "2", "--seed", "3"]
+ARGS = ["--model", "tiny", "--seq-len", "64", "--log-every", "1", "--device", "cpu", "--dtype", "float32",
+        "--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "2", "--seed", "3"]
 
 
 def run(cmd, timeout=600):

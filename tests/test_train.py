@@ -15,7 +15,9 @@ import torch
 from tests.conftest import ROOT
 
 TRAIN = [sys.executable, str(ROOT / "train.py")]
-FAST = ["--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--log-every", "1", "--device", "cpu"]
+# float32 pinned: --dtype auto times float32 against bf16 at start, and runs these tests compare must agree
+FAST = ["--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--log-every", "1", "--device", "cpu",
+        "--dtype", "float32"]
 
 
 def train_cli(*args, check=True, timeout=600):
