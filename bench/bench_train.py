@@ -189,3 +189,34 @@ def test_matmul_floor(benchmark, smoke, library):
         mean = benchmark.stats.stats.mean
         benchmark.extra_info.update(step_gflop=round(flops / 1e9, 1), gemm_gflop_per_s=round(flops / mean / 1e9, 1),
                                     tokens_per_s=round(b * t / mean, 1), threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("rows", [4, 8])
+def test_muon_vs_adamw_interleaved(prepared, tmp_path, smoke, rows):
+    """The default pretrain step (Muon on the block matrices) against the same step with AdamW, in
+    float32 and in bf16 autocast (Muon's iteration in the run's precision), at `rows` x 256: one
+    trainer each, their steps taking turns, medians (issue 27's bar: Muon <= 1.5x AdamW)."""
+    import statistics
+    import time
+
+    configs = {f"{optim} {dtype}": (optim, dtype) for dtype in ("float32", "bfloat16") for optim in ("muon", "adamw")}
+    if smoke:
+        configs = dict(list(configs.items())[:2])
+    trainers = {name: _trainer(prepared, tmp_path / name.replace(" ", "-"), "pretrain", "--optim", optim,
+                               "--dtype", dtype, "--batch-size", str(2 if smoke else rows), smoke=smoke)
+                for name, (optim, dtype) in configs.items()}
+    times = {name: [] for name in trainers}
+    for round_ in range(2 if smoke else 6):
+        for name, trainer in trainers.items():
+            t = time.perf_counter()
+            trainer._optimizer_step()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    tokens = (2 * 32) if smoke else rows * T
+    for name, s in med.items():
+        optim, dtype = configs[name]
+        ratio = s / med[f"adamw {dtype}"] if f"adamw {dtype}" in med else float("nan")
+        print(f"{rows} x {T if not smoke else 32} {name:16s} {s * 1e3:7.0f} ms  {tokens / s:7.0f} tokens/s  "
+              f"{ratio:.2f}x adamw at {dtype}")
+    assert all(s > 0 for s in med.values())

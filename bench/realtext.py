@@ -11,7 +11,8 @@ Recipes (RECIPES): `minimind2` is MiniMind2's train_pretrain.py reproduced in ou
 a row padded to 256, batch 8, AdamW (torch's betas, weight decay 0.01), lr 5e-4 cosine to 5e-5 without
 warmup, clip 1.0, `<|im_start|> text <|im_end|>` documents, one epoch. `ours` is `train.py` with its
 defaults and `--max-time`. `old` is the defaults of main at 6dd74fc (issue 18's measurement), run from
-a git worktree of that commit. Sweep variants are `ours` plus flags.
+a git worktree of that commit; `main1207` those of main at be478a9 (before issue 27). Sweep variants are
+`ours` plus flags.
 
     python bench/realtext.py corpus                       # build + prepare (cached)
     python bench/realtext.py run peer:minimind2 ours15:ours@15 old15:old@15
@@ -45,6 +46,7 @@ RECIPES = {
     "ours": ("minimind", "new", []),
     "ours-eos": ("eos", "new", []),
     "old": ("eos", "old", []),
+    "main1207": ("minimind", "be478a9", []),  # the defaults before issue 27 (muon, float32 on a CPU)
 }
 SAVES = 5  # checkpoints per run, for the loss-over-time curve
 
@@ -68,17 +70,17 @@ def cmd_corpus(args) -> None:
                             "--doc-format", fmt], check=True, cwd=ROOT)
 
 
-def _old_tree(work: Path) -> Path:
-    tree = work / "old-code"
+def _old_tree(work: Path, commit: str = OLD_COMMIT) -> Path:
+    tree = work / ("old-code" if commit == OLD_COMMIT else f"code-{commit}")
     if not (tree / "train.py").is_file():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), OLD_COMMIT], check=True, cwd=ROOT)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], check=True, cwd=ROOT)
     return tree
 
 
 def _run_command(work: Path, name: str, spec: str, extra: list[str], tokenizer: Path) -> tuple[list[str], Path]:
     recipe, _, minutes = spec.partition("@")
     fmt, code, flags = RECIPES[recipe]
-    cwd = ROOT if code == "new" else _old_tree(work)
+    cwd = ROOT if code == "new" else _old_tree(work, OLD_COMMIT if code == "old" else code)
     data = work / f"data-{fmt}"
     cmd = [_py(), "train.py", "--stage", "pretrain", "--model", "small", "--seq-len", str(SEQ), "--data", str(data),
            "--tokenizer", str(tokenizer), "--out", str(work / "runs" / name), "--device", "cpu", "--log-every", "10",

@@ -212,13 +212,14 @@ class Trainer:
                 self.log.message(f"--dtype auto: {chosen}, as this run chose when it started")
                 return 0.0
         started = time.perf_counter()
-        b, t = self.cfg.batch_size, self.cfg.seq_len
+        # two rows at the run's length: the same products as its steps, in a fraction of their time
+        b, t = min(self.cfg.batch_size, 2), self.cfg.seq_len
         gen = torch.Generator().manual_seed(0)  # the run's own random state is left as it is
         ids = torch.randint(self.raw_model.config.vocab_size, (b, t + 1), generator=gen).to(self.device)
         batch = Batch(ids[:, :-1], ids[:, 1:], torch.ones(b, t, device=self.device), None)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.log.message(f"--dtype auto: timing a forward and backward at {b} x {t} in float32 and bfloat16")
-        _, times = train_dtype(lambda: token_nll(self.raw_model, batch)[0], params, self.device)
+        _, times = train_dtype(lambda: token_nll(self.raw_model, batch)[0], params, self.device, rounds=1)
         names = list(times)
         summed = self.dist.all_reduce_sums([times[d] for d in names])
         times = dict(zip(names, (float(x) for x in summed)))

@@ -38,7 +38,7 @@ def test_bf16_only_when_ten_percent_faster(fp32, bf16, chosen):
 def _fake_timings(monkeypatch, fp32: float, bf16: float, seen: list):
     real = dtype_choice.train_dtype
 
-    def timed(loss_of, params, device, rounds=2):
+    def timed(loss_of, params, device, rounds=1):
         real(loss_of, params, device, rounds=1)  # the real passes run (and must leave no gradients behind)
         seen.append(all(p.grad is None for p in params))
         return None, {torch.float32: fp32, torch.bfloat16: bf16}
@@ -70,7 +70,7 @@ def test_auto_picks_the_faster_logs_both_and_records_it(pretrain_data, tmp_path,
     assert rc == 0, err[-2000:]
     assert seen == [True]
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if "--dtype auto, a forward and backward at 4 x 32" in x)
+    line = next(x for x in out.splitlines() if "--dtype auto, a forward and backward at 2 x 32" in x)
     assert f"float32 {fp32 * 1e3:.0f} ms, bfloat16 {bf16 * 1e3:.0f} ms" in line and f"{chosen} chosen" in line, line
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["dtype_chosen"] == chosen and run["dtype_timing"] == {"float32": fp32, "bfloat16": bf16}
