@@ -113,7 +113,7 @@ def cmd_run(args) -> None:
         jobs.append((name, *_run_command(args.work, name, spec or name, own + args.extra, args.tokenizer)))
     (args.work / "runs").mkdir(parents=True, exist_ok=True)
     running: dict[int, tuple] = {}
-    free = list(range(min(2, os.cpu_count() or 1)))
+    free = list(args.cores) if args.cores else list(range(min(2, os.cpu_count() or 1)))
     while jobs or running:
         while jobs and free:
             core = free.pop(0)
@@ -262,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-docs", type=int, default=2400)
     p.add_argument("--val-docs", type=int, default=200)
     p.add_argument("--keep-ckpts", action="store_true")
+    p.add_argument("--cores", type=lambda v: [int(c) for c in v.split(",")], metavar="0,1",
+                   help="run: the cores to run on, one run each (default: the first two)")
     p.add_argument("--final-only", action="store_true", help="score: each run's last checkpoint only")
     args = p.parse_intermixed_args(argv)
     args.extra, args.only = extra, (args.runs if args.command in ("score", "table") else None)

@@ -8,6 +8,7 @@ import gc
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,11 +78,26 @@ class Dist:
         if self.enabled and dist.is_initialized():
             dist.barrier()
             ds_comm = sys.modules.get("deepspeed.comm")
-            if ds_comm is not None and ds_comm.is_initialized():
+            deepspeed = ds_comm is not None and ds_comm.is_initialized()
+            if deepspeed:
                 ds_comm.destroy_process_group()  # torch's, and DeepSpeed's module-level group handles
             else:
                 dist.destroy_process_group()
             gc.collect()  # DeepSpeed's engine and optimizer are reference cycles: only the collector frees them
+            if deepspeed:
+                _remove_shm_buffer()
+
+
+def _remove_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce creates a shared-memory file per rank (69 MB, in /dev/shm) and never
+    removes it: a few dozen runs filled a 24 GB machine's /dev/shm, and the next run was killed for
+    memory. Each rank removes its own once every rank is past its last collective (the mapping
+    outlives the name)."""
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if port is None or rank is None:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def setup(cfg) -> Dist:

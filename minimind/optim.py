@@ -45,17 +45,43 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None):
     """An approximately semi-orthogonal matrix with g's singular vectors: U V^T for g = U S V^T, its
     singular values brought into about [0.7, 1.2] rather than exactly 1 (enough for the update, in 5
-    steps). g: (..., m, n), batched over the leading dims. Computed in `dtype` (default g's)."""
+    steps). g: (..., m, n), batched over the leading dims. Computed in `dtype` (default g's).
+
+    Each step is x <- p(x x^T) x with p(G) = a + b G + c G^2. In float32 or float64, when the matrix
+    is wide enough (m < ~2n/3), the steps run on the m x m Gram matrix instead (`_gram_steps`): the
+    same polynomial, fewer products (`small`'s 512 x 1408 MLP matrices: 1.3x cheaper). In bf16 that
+    form loses its accuracy (errors in G compound), so bf16 always iterates on x."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype or g.dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide side: the Gram matrix is the smaller one
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    m, n = x.shape[-2:]
+    gram_cheaper = 4 * m * m * n + 8 * steps * m**3 < steps * (4 * m * m * n + 2 * m**3)
+    if x.dtype in (torch.float32, torch.float64) and gram_cheaper:
+        x = _gram_steps(x, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(g.dtype)
+
+
+def _gram_steps(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` Newton-Schulz steps on x (m x n, m <= n) through G = x x^T: each step's polynomial P
+    is one of G, so x_k = Q x with Q = P_k ... P_1, and the next Gram matrix is P G P. Costs
+    4 m^2 n + ~8 m^3 per step instead of steps * (4 m^2 n + 2 m^3)."""
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.mT
+    eye = torch.eye(gram.shape[-1], dtype=x.dtype, device=x.device)
+    q = None
+    for i in range(steps):
+        p = a * eye + (b * eye + c * gram) @ gram
+        q = p if q is None else p @ q
+        if i < steps - 1:
+            gram = p @ gram @ p
+    return q @ x
 
 
 class Muon(torch.optim.Optimizer):

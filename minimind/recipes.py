@@ -57,7 +57,7 @@ STAGES = {s.name: s for s in (
     # the same per token at any batch, so a small batch buys more updates per second and wins (8 x 256);
     # a GPU is idle at that size, so it keeps 16 rows (its own sweep is pending: no GPU yet).
     Stage("pretrain", data="pretrain", accepts=frozenset({"pretrain"}), lr=2e-3, batch_size=16,
-          needs_init=False, packs_documents=True, optim="muon", doc_mask=True, cpu=(("batch_size", 8),)),
+          needs_init=False, packs_documents=True, optim="muon", doc_mask=True, cpu=(("batch_size", 12),)),
     Stage("sft", data="sft", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
     Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0, adapters=True),
     Stage("dpo", data="dpo", accepts=frozenset({"dpo"}), lr=1e-5, batch_size=8, weight_decay=0.0, warmup_steps=0,

@@ -123,6 +123,8 @@ def deepspeed_cmd(stage: int, data: Path, out: Path) -> list[str]:
 def test_deepspeed_zero2_two_processes_loss_falls(prepared, tmp_path):
     cmd = deepspeed_cmd(2, prepared["pretrain"], tmp_path / "ds")
     run(cmd, timeout=900)
+    port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU all-reduce file of each rank: removed at the end
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     ls = losses(tmp_path / "ds")
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.5, ls
     assert (tmp_path / "ds" / "step-20" / "model.safetensors").exists()

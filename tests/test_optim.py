@@ -133,3 +133,23 @@ def test_the_schedules_lr_reaches_the_optimizers_after_a_resume():
     for group in opt.param_groups:
         group["lr"] = 5e-5
     assert all(g["lr"] == 5e-5 for o in opt.optimizers.values() for g in o.param_groups)
+
+
+@pytest.mark.parametrize("shape", [(16, 96), (96, 16), (3, 32, 128)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_the_gram_form_of_newton_schulz_is_the_same_iteration(shape, dtype, tol):
+    """Wide matrices iterate on their Gram matrix in float32/64 (fewer products): the result must be the
+    plain iteration's, x <- a x + (b G + c G^2) x, computed here in float64."""
+    from minimind.optim import NS_COEFFICIENTS
+
+    torch.manual_seed(0)
+    g = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -3, shape[-1], dtype=torch.float64)
+    x = g.mT if shape[-2] > shape[-1] else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(5):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    want = x.mT if shape[-2] > shape[-1] else x
+    got = newton_schulz(g.to(dtype)).double()
+    assert (got - want).norm() / want.norm() < tol
