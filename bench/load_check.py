@@ -81,7 +81,8 @@ async def _load(url: str, clients: int, seconds: float) -> dict:
     return {"clients": clients, "seconds": round(wall, 1), "requests": stats["requests"],
             "errors": sum(stats["errors"].values()), "error_kinds": dict(stats["errors"]),
             "output_tokens_per_s": round(stats["tokens"] / wall, 1),
-            "latency_p50_s": round(statistics.median(lat), 3), "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3)}
+            "latency_p50_s": round(statistics.median(lat), 3),
+            "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3)}
 
 
 def main() -> int:
