@@ -18,8 +18,8 @@ import time
 import torch
 
 from minimind.choices import DTYPES
+from minimind.dtype_choice import MARGIN  # a lower precision must be this much faster (training's rule too)
 
-MARGIN = 1.1  # a lower precision must be this much faster to be chosen over float32
 ROUNDS = 10  # timed decode steps per dtype and batch, alternating; the fastest of each counts (on a
 # shared machine a step can only be slowed by others, never sped up)
 TIMED_LENGTH = 32  # the attended length of a timed decode step (at most the engine's max_len)

@@ -190,9 +190,7 @@ def vet_deepspeed_state(ds_dir) -> None:
     would run code. Each file is first read with torch's weights-only unpickler, allowing only the
     classes DeepSpeed itself writes; a file holding anything else is refused before DeepSpeed opens it.
     Raises ValueError naming the file."""
-    import importlib
     import pickle
-    from pathlib import Path
 
     allowed = []
     for name in DEEPSPEED_STATE_CLASSES:

@@ -167,7 +167,8 @@ class Optimizers:
 def build_optimizer(model, name: str, *, lr: float, weight_decay: float, device: torch.device,
                     betas: tuple[float, float] = (0.9, 0.95), ns_dtype: torch.dtype | None = None):
     """`--optim adamw`: fused AdamW over every trainable parameter. `--optim muon`: Muon on the hidden
-    matrices, fused AdamW on the rest; both at the same lr and weight decay (see the module docstring)."""
+    matrices, fused AdamW on the rest; both at the same lr and weight decay (see the module docstring).
+    `ns_dtype`: the dtype of Muon's iteration (None: bf16 on CUDA, float32 on a CPU)."""
     fused = device.type in ("cuda", "cpu")
     if name == "adamw":
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
