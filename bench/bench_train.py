@@ -220,3 +220,72 @@ def test_muon_vs_adamw_interleaved(prepared, tmp_path, smoke, rows):
         print(f"{rows} x {T if not smoke else 32} {name:16s} {s * 1e3:7.0f} ms  {tokens / s:7.0f} tokens/s  "
               f"{ratio:.2f}x adamw at {dtype}")
     assert all(s > 0 for s in med.values())
+
+
+def _minimind2_model(src: str, shape):
+    """MiniMind2's own model code (model/model_minimind.py of a jingyaogong/minimind checkout at `src`),
+    built at our preset's shape."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(src) / "model" / "model_minimind.py"
+    spec = importlib.util.spec_from_file_location("minimind2_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # transformers' config machinery looks the class's module up
+    spec.loader.exec_module(module)
+    config = module.MiniMindConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+                                   num_attention_heads=shape.num_attention_heads,
+                                   num_key_value_heads=shape.num_key_value_heads,
+                                   intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size)
+    return module.MiniMindForCausalLM(config).train()
+
+
+def test_vs_minimind2_interleaved(prepared, tmp_path, smoke):
+    """Our float32 step against MiniMind2's, same shape (`small`, 4 x 256) and tokens, taking turns.
+    MiniMind2's step is its train_pretrain.py's on a CPU: logits, per-token cross-entropy times the loss
+    mask over the mask's sum, backward, clip 1.0, torch's AdamW with its defaults. Ours: the real loop's
+    step, with AdamW (like for like) and with the defaults (Muon). Needs MINIMIND2_SRC, a checkout of
+    github.com/jingyaogong/minimind (not a dependency: skipped without it)."""
+    import os
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    from minimind.config import ModelConfig
+    from minimind.data.loader import make_loader
+
+    src = os.environ.get("MINIMIND2_SRC")
+    if not src:
+        pytest.skip("set MINIMIND2_SRC to a checkout of github.com/jingyaogong/minimind to time its step")
+    b, t = (2, 32) if smoke else (B, T)
+    theirs = _minimind2_model(src, ModelConfig.from_preset("tiny" if smoke else "small"))
+    opt = torch.optim.AdamW(theirs.parameters(), lr=5e-4)
+    loader = iter(make_loader(prepared["pretrain"], stage="pretrain", batch_size=b, seq_len=t, packed=True))
+
+    def minimind2_step():
+        batch = next(loader)
+        logits = theirs(batch.input_ids).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), batch.targets.view(-1), reduction="none")
+        mask = batch.weights.view(-1)
+        ((loss * mask).sum() / mask.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ours = {name: _trainer(prepared, tmp_path / name, "pretrain", "--dtype", "float32", *flags, smoke=smoke)
+            for name, flags in (("ours adamw", ["--optim", "adamw"]), ("ours default", []))}
+    steps = {"minimind2": minimind2_step, **{name: tr._optimizer_step for name, tr in ours.items()}}
+    times = {name: [] for name in steps}
+    for round_ in range(2 if smoke else 11):  # 10 timed: whole periods of Muon's block-periodic steps
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    mean = {name: statistics.mean(ts) for name, ts in times.items()}
+    for name, s in mean.items():
+        print(f"{b} x {t} float32 {name:12s} {s * 1e3:7.0f} ms  {b * t / s:6.0f} tokens/s  "
+              f"{mean['minimind2'] / s:.2f}x minimind2's speed")
+    assert all(s > 0 for s in mean.values())

@@ -98,6 +98,8 @@ def _expected_steps(work: Path, fmt: str, flags: list[str], minutes: float) -> i
     batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 8
     if "--epochs" in flags:
         return math.ceil(meta["num_docs"] / batch)
+    if "--max-steps" in flags:
+        return int(flags[flags.index("--max-steps") + 1])
     return max(1, int(minutes * 60 * 330 / (batch * SEQ)))  # ~330 tokens/s on one core (small, fp32)
 
 

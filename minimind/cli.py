@@ -166,6 +166,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--optim", choices=OPTIMIZERS,
                    help="muon: Muon on the blocks' matrices, AdamW on the rest, same --lr (experimental)")
+    p.add_argument("--embed-lr-scale", type=float, metavar="X", help="the embeddings' (and tied head's) lr: --lr x X")
     p.add_argument("--dtype", choices=("auto", *DTYPES),
                    help="default auto: bfloat16 on CUDA where supported; on a CPU float32 or bfloat16 autocast, "
                         "whichever a timed forward and backward at the run's shape finds faster (bf16 by 10%%)")

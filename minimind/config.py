@@ -63,6 +63,7 @@ class ModelConfig:
     dropout: float = 0.0
     tie_word_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (as Qwen3)
+    initializer_range: float = 0.02  # the std of a fresh model's weights (o_proj, down_proj: / sqrt(2 layers))
     # YaRN, for inference past the trained context, e.g.
     # {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
     rope_scaling: dict | None = None
@@ -152,7 +153,7 @@ class ModelConfig:
 POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                  "intermediate_size", "multiple_of", "max_position_embeddings", "n_routed_experts",
                  "num_experts_per_tok")
-POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "initializer_range")
 
 
 def check_types(config: "ModelConfig") -> None:

@@ -241,18 +241,19 @@ class MiniMindForCausalLM(nn.Module):
         self.model = MiniMindModel(config, self.ops)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.head_loss = FusedHeadLoss(self.ops)  # no parameters: the state dict is unchanged
-        self.apply(self._init_weights)
+        std = config.initializer_range
+
+        def init(module):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+        self.apply(init)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 # GPT-2's scaled init: the residual stream's variance stays ~1 with depth
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.num_hidden_layers))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids, position_ids=None, kv_cache: KVCache | None = None, return_hidden=False):
         hidden, aux = self.model(input_ids, position_ids, kv_cache)

@@ -23,17 +23,21 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c): steepest slope at 0 that still converges
 
 
-def param_groups(model, weight_decay: float):
-    """AdamW's groups: no decay on norms, biases and embeddings (and on the tied lm_head, the embedding)."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, embed_lr_scale: float = 1.0):
+    """AdamW's groups: no decay on norms, biases and embeddings (and on the tied lm_head, the embedding).
+    The embeddings (and head) have a group of their own whose `lr_scale` the loop multiplies the lr by."""
+    decay, no_decay, embed = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "embed_tokens" in name or "norm" in name or name == "lm_head.weight":
+        if "embed_tokens" in name or name == "lm_head.weight":
+            embed.append(p)
+        elif p.ndim < 2 or "norm" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": embed, "weight_decay": 0.0, "lr_scale": embed_lr_scale}]
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
@@ -165,18 +169,21 @@ class Optimizers:
 
 
 def build_optimizer(model, name: str, *, lr: float, weight_decay: float, device: torch.device,
-                    betas: tuple[float, float] = (0.9, 0.95), ns_dtype: torch.dtype | None = None):
+                    betas: tuple[float, float] = (0.9, 0.95), ns_dtype: torch.dtype | None = None,
+                    embed_lr_scale: float = 1.0):
     """`--optim adamw`: fused AdamW over every trainable parameter. `--optim muon`: Muon on the hidden
     matrices, fused AdamW on the rest; both at the same lr and weight decay (see the module docstring).
     `ns_dtype`: the dtype of Muon's iteration (None: bf16 on CUDA, float32 on a CPU)."""
     fused = device.type in ("cuda", "cpu")
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
+        groups = [g for g in param_groups(model, weight_decay, embed_lr_scale) if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
     if name != "muon":
         raise ValueError(f"--optim must be adamw or muon, got {name!r}")
     hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
     chosen = {id(p) for p in hidden}
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in param_groups(model, weight_decay)]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]}
+            for g in param_groups(model, weight_decay, embed_lr_scale)]
     adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=tuple(betas), fused=fused)
     muon = Muon(hidden, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)
     return Optimizers(adamw=adamw, muon=muon)

@@ -119,6 +119,7 @@ def lr_at(step: int, progress: float, *, lr: float, min_lr: float, warmup: int, 
 
 class Trainer:
     def __init__(self, args):
+        self._began = time.perf_counter()  # start-up counts inside --max-time: a user waits for it too
         self.cfg = resolve(args)
         self.stage = args.stage
         self.dist = distributed.setup(self.cfg)
@@ -150,17 +151,21 @@ class Trainer:
     def _build(self):
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
         setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
+        began = time.perf_counter()
         self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
+        self.startup_s = {"model and data": time.perf_counter() - began}
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
         self.dtype_timing = None  # --dtype auto on a CPU: {dtype name: seconds of a forward + backward}
-        timing_s = self._time_dtype() if self.cfg.dtype in (None, "auto") and self.device.type == "cpu" else 0.0
+        if self.cfg.dtype in (None, "auto") and self.device.type == "cpu":
+            self.startup_s["dtype timing"] = self._time_dtype()
         # Muon's iteration in bf16 when the run is (on a CPU: only where bf16 was timed faster)
         ns_dtype = torch.bfloat16 if self.dtype in (torch.bfloat16, torch.float16) else None
         self.optimizer = build_optimizer(self.model, self.cfg.optim, lr=self.cfg.lr,
                                          weight_decay=self.cfg.weight_decay, device=self.device,
-                                         betas=self.cfg.adam_betas, ns_dtype=ns_dtype)
+                                         betas=self.cfg.adam_betas, ns_dtype=ns_dtype,
+                                         embed_lr_scale=self.cfg.embed_lr_scale)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.tokens_seen = 0
         self._tokens = self._useful = 0  # this rank's counts since the last _count_tokens()
@@ -169,7 +174,7 @@ class Trainer:
         self.last_step = None
         self.total_steps = self._total_steps()
         self.data_fingerprint = self.setup.data_fingerprint()
-        self._elapsed_before = timing_s  # the timings at start count inside --max-time
+        self._elapsed_before = 0.0  # a resumed run's time before this process (_resume)
         if self.cfg.resume:
             self._resume()
         elif self.dist.is_main:
@@ -193,7 +198,7 @@ class Trainer:
             self.model = torch.compile(self.model, mode=self.cfg.compile_mode)
         self.stop_signal = None
         self._compiling = self.cfg.compile
-        self._start = time.perf_counter()
+        self._start = self._began
         self._epochs_begun = int(self.setup.loader_epoch())
 
     def _time_dtype(self) -> float:
@@ -346,8 +351,11 @@ class Trainer:
     def _fit(self) -> int:
         cfg = self.cfg
         self._install_signal_handlers()
-        self._start = last_log_time = time.perf_counter()
+        last_log_time = time.perf_counter()
         self.log.start(self.total_steps, self.step)
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.startup_s.items())
+        self.log.message(f"start-up took {last_log_time - self._began:.1f}s ({parts})"
+                         + (", counted in --max-time" if cfg.max_time else ""))
         tokens = self._tokens_per_step()
         first = min(cfg.log_every * (self.step // cfg.log_every + 1), self.total_steps)
         budget = " and ".join(b for b in (f"--max-time {cfg.max_time:g}s" if cfg.max_time else "",
@@ -369,7 +377,7 @@ class Trainer:
             lr = lr_at(self.step, self._progress(), lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
                        schedule=cfg.schedule, decay_frac=cfg.decay_frac)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_start = time.perf_counter() if self._compiling else None
             step = self._optimizer_step()
             self._watch_finite(step)

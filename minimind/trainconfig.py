@@ -49,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW's (beta1, beta2); torch's default is (0.9, 0.999)
     optim: str | None = STAGE_DEFAULT  # "adamw" or "muon" (minimind/optim.py); adamw with --deepspeed
+    embed_lr_scale: float = 1.0  # the embeddings' (and tied head's) lr is --lr times this
     dtype: str | None = None  # bf16 on CUDA where supported, else fp32
     device: str = "auto"
     compile: bool = False
@@ -84,7 +85,7 @@ STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "
 PATH_FIELDS = ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed")
 # float knobs that must be finite (an `inf` learning rate trains NaN without a word), and positive ones
 FINITE = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha", "epochs",
-          "max_time", "decay_frac")
+          "max_time", "decay_frac", "embed_lr_scale")
 POSITIVE = ("lr", "epochs", "max_time", "temperature", "lora_alpha")
 
 

@@ -80,3 +80,28 @@ def test_a_time_budget_ends_on_time_at_the_floor_and_resumes_with_what_is_left(s
     copy = shutil.copytree(out, tmp_path / "again")
     rc, err = train_inproc(*args[:-1], copy, "--resume")
     assert rc == 0 and f"step-{step + 1}" not in {p.name for p in copy.glob("step-*")}, err[-2000:]
+
+
+def test_start_up_counts_inside_the_time_budget_and_is_logged(small_pretrain, tmp_path, capsys, monkeypatch):
+    """Preparing the model and data is wall-clock a user waits for, so --max-time includes it: a run whose
+    start-up takes 4 of its 5 seconds trains for about one, and its log says where the 4 went."""
+    import time
+
+    import minimind.train
+
+    class SlowSetup(minimind.train.Setup):
+        def __init__(self, trainer):
+            time.sleep(4.0)
+            super().__init__(trainer)
+
+    monkeypatch.setattr(minimind.train, "Setup", SlowSetup)
+    began = time.perf_counter()
+    rc, err = train_inproc("--stage", "pretrain", *FAST, "--data", small_pretrain, "--max-time", 5,
+                           "--save-every", 1000, "--out", tmp_path / "slow")
+    wall = time.perf_counter() - began
+    assert rc == 0, err[-2000:]
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if "start-up took" in x)
+    assert "counted in --max-time" in line
+    assert float(line.split("model and data ")[1].split("s")[0]) >= 4.0
+    assert wall < 7.5, wall  # not counted, it would train 5 s after the 4 s start-up

@@ -222,3 +222,19 @@ def test_grad_checkpointing_gives_the_same_gradients(moe):
     again = grads()
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_initializer_range_sets_a_fresh_models_weight_scale():
+    """initializer_range (HF's name) is the std of a fresh model's weights; the residual outputs (o_proj,
+    down_proj) get it / sqrt(2 layers)."""
+    for std in (0.01, 0.04):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_preset("tiny", [f"initializer_range={std}"])
+        model = MiniMindForCausalLM(cfg)
+        layer = model.model.layers[0]
+        assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
+        assert model.model.embed_tokens.weight.std().item() == pytest.approx(std, rel=0.05)
+        scaled = std / math.sqrt(2 * cfg.num_hidden_layers)
+        assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    with pytest.raises(ValueError, match="initializer_range"):
+        ModelConfig.from_preset("tiny", ["initializer_range=0"])

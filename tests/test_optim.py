@@ -103,7 +103,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.gate.weight", "model.norm.weight",
                  "model.layers.0.input_layernorm.weight"):
         assert name in adamw, name
-    assert len(opt.param_groups) == 3  # AdamW's decay / no-decay groups and Muon's: the lr schedule sees all
+    assert len(opt.param_groups) == 4  # AdamW's decay, no-decay and embedding groups, and Muon's: the schedule sees all
 
 
 def test_a_muon_run_trains_resumes_and_refuses_the_other_optimizer(pretrain_data, tmp_path):

@@ -121,6 +121,21 @@ def test_lora_changes_only_adapters(pretrained, data, tmp_path):
     assert last < first
 
 
+def test_embed_lr_scale_scales_only_the_embeddings_lr(pretrained, data, tmp_path):
+    """--embed-lr-scale 0 leaves the (tied) embedding where --init had it while every block matrix moves;
+    the loop gives its group lr x 0, the others the schedule's lr."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen-embed"
+    train("--stage", "pretrain", "--init", pretrained, *FAST[2:], "--data", data["pretrain"], "--out", out,
+          "--max-steps", 3, "--embed-lr-scale", 0)
+    before = load_file(pretrained / "step-40" / "model.safetensors")
+    after = load_file(out / "step-3" / "model.safetensors")
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    moved = [k for k in before if ".layers." in k and not torch.equal(before[k], after[k])]
+    assert len(moved) == len([k for k in before if ".layers." in k])
+
+
 def test_dpo_margin_and_accuracy_rise(pretrained, data, tmp_path):
     train("--stage", "dpo", "--init", pretrained, "--data", data["dpo"], "--out", tmp_path / "dpo",
           *FAST[2:], "--max-steps", 25, "--lr", "1e-3")

@@ -133,7 +133,7 @@ def hf_config(config: ModelConfig, special: dict) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": config.dropout,
-        "initializer_range": 0.02,
+        "initializer_range": config.initializer_range,
         "use_cache": True,
         # transformers >= 5 reads rope_parameters; older readers (4.x, vLLM, llama.cpp) rope_theta
         "rope_theta": config.rope_theta,
