@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def cmd_run(args) -> None:
     for item in args.runs:
         name, _, spec = item.partition(":")
         spec, _, flags = spec.partition(":")
-        own = [part for flag in flags.split(",") if flag for part in flag.split("=", 1)]
+        own = [part for flag in re.split(r",(?=--)", flags) if flag for part in flag.split("=", 1)]  # 0.8,0.95 stays
         if (args.work / "runs" / name).exists():
             print(f"realtext: {name} exists, skipped (delete runs/{name} to redo it)")
             continue

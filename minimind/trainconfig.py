@@ -47,7 +47,7 @@ class TrainConfig:
     warmup_steps: int | None = STAGE_DEFAULT
     weight_decay: float | None = STAGE_DEFAULT
     grad_clip: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW's (beta1, beta2); torch's default is (0.9, 0.999)
+    adam_betas: tuple[float, float] | None = STAGE_DEFAULT  # AdamW's (beta1, beta2); torch's is (0.9, 0.999)
     optim: str | None = STAGE_DEFAULT  # "adamw" or "muon" (minimind/optim.py); adamw with --deepspeed
     embed_lr_scale: float = 1.0  # the embeddings' (and tied head's) lr is --lr times this
     dtype: str | None = None  # bf16 on CUDA where supported, else fp32
@@ -81,7 +81,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "beta", "optim", "doc_mask")
+STAGE_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "weight_decay", "adam_betas", "beta", "optim",
+                "doc_mask")
 PATH_FIELDS = ("init", "data", "val_data", "tokenizer", "out", "ref", "teacher", "deepspeed")
 # float knobs that must be finite (an `inf` learning rate trains NaN without a word), and positive ones
 FINITE = ("lr", "min_lr", "weight_decay", "grad_clip", "beta", "temperature", "alpha", "lora_alpha", "epochs",
