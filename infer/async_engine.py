@@ -3,7 +3,7 @@ hands each request's deltas to the asyncio side through a per-job queue.
 
 HTTP handlers `submit()` a job (every sequence of one client request: its prompts x `n`) and read
 `(index, Delta)` pairs from it; the engine admits a job's sequences fairly with other jobs' (they
-share one group, `Engine._admit`), and `cancel(job)` ends all of them, running or waiting. Model
+share one group, `Scheduler.admit`), and `cancel(job)` ends all of them, running or waiting. Model
 compute releases the GIL, so the event loop keeps serving while a step runs. A
 non-streaming job gets one delta per sequence, when it finishes: waking the event loop for every
 token costs a batch-1 request a core's worth of thread hand-offs on a small CPU (issue 19). A job

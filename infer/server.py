@@ -120,7 +120,15 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
 
     app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = loop_engine
-    handlers = _Handlers(engine, loop_engine, model_name, max_prompt_chars)
+    _add_error_handlers(app)
+    if expected_auth is not None:
+        app.add_middleware(_KeyCheck, expected=expected_auth)
+    _add_routes(app, engine, loop_engine, _Handlers(engine, loop_engine, model_name, max_prompt_chars), max_body_bytes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error JSON: ours (APIError), starlette's 404/405, and any other as a 500."""
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -136,24 +144,28 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
     async def _internal(request, exc):
         return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
 
-    if expected_auth is not None:
-        app.add_middleware(_KeyCheck, expected=expected_auth)
 
-    async def body_of(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
-                chunks.append(chunk)
-        except ClientDisconnect:  # gone, or dropped for a body too slow (infer.connections): nobody reads this
-            raise APIError(499, "the client closed the connection before its body arrived",
-                           code="client_closed") from None
-        return b"".join(chunks)
+async def _body_of(request: Request, max_body_bytes: int) -> bytes:
+    """The request's body, refused (413) past `max_body_bytes` whatever its Content-Length says."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or dropped for a body too slow (infer.connections): nobody reads this
+        raise APIError(499, "the client closed the connection before its body arrived",
+                       code="client_closed") from None
+    return b"".join(chunks)
+
+
+def _add_routes(app: FastAPI, engine: Engine, loop_engine: AsyncEngine, handlers: "_Handlers",
+                max_body_bytes: int) -> None:
+    """The endpoints: /health, /v1/models[/NAME], /v1/chat/completions, /v1/completions."""
 
     @app.get("/health")
     async def health():
@@ -173,13 +185,11 @@ def create_app(engine: Engine, model_name: str = "minimind", api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await handlers.chat(_parse(ChatRequest, await body_of(request)), request)
+        return await handlers.chat(_parse(ChatRequest, await _body_of(request, max_body_bytes)), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handlers.completions(_parse(CompletionRequest, await body_of(request)), request)
-
-    return app
+        return await handlers.completions(_parse(CompletionRequest, await _body_of(request, max_body_bytes)), request)
 
 
 class _KeyCheck:

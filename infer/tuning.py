@@ -49,12 +49,14 @@ def fastest_dtype(model, make_engine, rows: int) -> tuple[torch.dtype, str]:
     times = {(d, n): [] for d in engines for n in sizes}
     with torch.no_grad():
         for e in engines.values():
-            e._ensure_cache()
+            e.runner.ensure_cache()
         for i in range(ROUNDS + 1):
             for (dtype, n), ts in times.items():
                 t0 = time.perf_counter()
-                length = min(TIMED_LENGTH, engines[dtype].max_len)
-                engines[dtype]._decode_rows(n, length=length, compiled=False).reshape(-1)[:1].cpu()
+                runner = engines[dtype].runner
+                length = min(TIMED_LENGTH, runner.max_len)
+                ids, pos = runner.dummy_batch(n, length)
+                runner.decode(ids, pos, length).reshape(-1)[:1].cpu()
                 if i:  # the first round warms up
                     ts.append(time.perf_counter() - t0)
     speed = {d: statistics.geometric_mean([n / min(times[d, n]) for n in sizes]) for d in engines}

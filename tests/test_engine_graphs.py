@@ -1,6 +1,6 @@
 """infer/graphs.py without a GPU: the static-shape decode step that CUDA graphs replay (rows padded to
 a bucket, attention over the whole cache with a mask) gives the engine's tokens, batched and with rows
-joining and leaving; buckets are chosen and padded right; a bucket that disagrees with the engine's own
+joining and leaving; buckets are chosen and padded right; a bucket that disagrees with the runner's own
 step is left out. The capture itself needs CUDA (tests/test_kernels_gpu.py, bench/gpu.sh)."""
 
 import pytest
@@ -25,9 +25,9 @@ def test_the_static_step_decodes_the_engines_tokens(tokenizer, moe):  # noqa: F8
 
 
 def test_buckets_pad_the_rows_and_a_disagreeing_bucket_is_left_out(tokenizer):  # noqa: F811
-    engine = Engine(make_model(), tokenizer, max_batch=40, max_len=32)
-    engine._ensure_cache()
-    graphs = GraphedDecode(engine, capture=False)
+    runner = Engine(make_model(), tokenizer, max_batch=40, max_len=32).runner
+    runner.ensure_cache()
+    graphs = GraphedDecode(runner, capture=False)
     assert graphs.buckets == [1, 2, 4, 8, 16, 32, 40]
     graphs.capture()
     assert [graphs.bucket(n) for n in (1, 3, 5, 33, 40)] == [1, 4, 8, 40, 40]
@@ -35,13 +35,13 @@ def test_buckets_pad_the_rows_and_a_disagreeing_bucket_is_left_out(tokenizer):  
     pos = torch.tensor([[0], [0], [0]])
     with torch.no_grad():
         got = graphs(ids, pos)
-        assert got.shape == (3, engine.vocab_size)
+        assert got.shape == (3, runner.vocab_size)
         assert graphs.graphs[4][1].flatten().tolist() == [5, 6, 7, 0]  # padded with token 0 at slot 0
-        want = engine._forward_last(ids, pos, engine.cache.k, engine.cache.v, 0, 1)
+        want = runner.forward_last(ids, pos, runner.cache.k, runner.cache.v, 0, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # a step that computes something else is caught at start, and its bucket dropped
-    broken = GraphedDecode(engine, capture=False)
-    broken._static_step = lambda i, p: engine._forward_last(i, p, engine.cache.k, engine.cache.v, 0, 1) * 2
+    broken = GraphedDecode(runner, capture=False)
+    broken.static_step = lambda i, p: runner.forward_last(i, p, runner.cache.k, runner.cache.v, 0, 1) * 2
     broken.capture()
     assert not broken.graphs and "disagreeing" in broken.report and "runs without them" in broken.report
 

@@ -1,18 +1,18 @@
 """The engine's device core on CUDA, checked on a CPU-only machine with torch's FakeTensorMode (issue
-15): `prefill_logits`, `decode_logits` (eager) and `sample_tokens`
+15): the runner's `prefill`, `decode` (eager) and `sample` (infer/runner.py)
 on a fake-CUDA `tiny` model, greedy and sampled with penalties and top-k/p, keep every tensor on cuda;
 mixing in a CPU tensor raises, and so does reading a value back to the host.
 
 What cannot run here, and why:
-- the request bookkeeping around the core (`Engine._prefill`, `_decode`, `_sample_and_append`): it
-  builds the core's inputs from Python lists (`torch.tensor(list, device="cuda")`), which needs a
+- the request bookkeeping around the core (`Engine.step`'s prefill, decode and sampling of requests):
+  it builds the core's inputs from Python lists (`torch.tensor(list, device="cuda")`), which needs a
   real CUDA device even under fake mode on a CPU-only torch;
 - `BatchParams.build` (the same), so the sampling parameters are made here with `torch.full`;
 - the step's one device-to-host read (`.tolist()` of the sampled ids): fake tensors have no values;
 - the compiled decode: inductor cannot generate CUDA code without a CUDA toolchain and device;
 - the CUDA-graph decode (infer/graphs.py, the default on CUDA): capture needs a real device, and its
   replay copies into slices of static buffers (in-place writes into views fail under fake mode on a
-  CPU-only torch); its static-shape step is checked against the engine's on the CPU in
+  CPU-only torch); its static-shape step is checked against the runner's on the CPU in
   tests/test_engine_graphs.py, and the capture on a GPU by bench/gpu.sh.
 """
 
@@ -43,30 +43,30 @@ def params(rows: int, sampled: bool) -> BatchParams:
 @pytest.mark.parametrize("sampled", [False, True])
 def test_prefill_decode_and_sampling_stay_on_cuda(tokenizer, sampled):
     with FakeTensorMode(allow_non_fake_inputs=False):
-        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=4, max_len=32, cuda_graphs=False)
+        runner = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=4, max_len=32, cuda_graphs=False).runner
         with torch.no_grad():
-            engine._ensure_cache()
-            assert engine.cache.k.device.type == "cuda" and engine._counts.device.type == "cuda"
+            runner.ensure_cache()
+            assert runner.cache.k.device.type == "cuda" and runner.counts.device.type == "cuda"
             ids = torch.zeros(2, 5, dtype=torch.long, device="cuda")
             last = torch.full((2,), 4, dtype=torch.long, device="cuda")
             has_zero = torch.zeros(2, dtype=torch.bool, device="cuda")
-            logits, hidden = engine.prefill_logits(ids, last, has_zero, start=0)
-            engine._batch_params = params(2, sampled)
+            logits, hidden = runner.prefill(ids, last, has_zero, start=0)
+            batch_params = params(2, sampled)
             steps = torch.zeros(2, dtype=torch.long, device="cuda")
-            tokens = engine.sample_tokens(logits, steps)
-            decoded = engine.decode_logits(tokens.unsqueeze(1), torch.full((2, 1), 5, device="cuda"), length=6)
-            tokens2 = engine.sample_tokens(decoded, steps + 1)
-        outs = [logits, hidden, tokens, decoded, tokens2, engine._counts, engine._seen, engine.cache.k]
+            tokens = runner.sample(logits, batch_params, steps)
+            decoded = runner.decode(tokens.unsqueeze(1), torch.full((2, 1), 5, device="cuda"), length=6)
+            tokens2 = runner.sample(decoded, batch_params, steps + 1)
+        outs = [logits, hidden, tokens, decoded, tokens2, runner.counts, runner.seen, runner.cache.k]
         assert all(t.device.type == "cuda" for t in outs), [t.device for t in outs]
-        assert logits.shape == decoded.shape == (2, engine.vocab_size) and tokens2.shape == (2,)
+        assert logits.shape == decoded.shape == (2, runner.vocab_size) and tokens2.shape == (2,)
         with pytest.raises((DataDependentOutputException, RuntimeError)):  # the host read is seen
             tokens2.tolist()
 
 
 def test_a_cpu_tensor_in_the_core_is_caught(tokenizer):
     with FakeTensorMode(allow_non_fake_inputs=True):
-        engine = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=2, max_len=32, cuda_graphs=False)
+        runner = Engine(fake_cuda(tiny()).eval(), tokenizer, max_batch=2, max_len=32, cuda_graphs=False).runner
         with torch.no_grad():
-            engine._ensure_cache()
+            runner.ensure_cache()
             with pytest.raises(Exception, match="found at least two devices"):
-                engine.decode_logits(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 2)
+                runner.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 2)

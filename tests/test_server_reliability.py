@@ -61,24 +61,31 @@ def test_out_of_range_seeds_are_400_and_the_server_keeps_serving(served):
     assert _healthy(url)["status"] == "ok"
 
 
-def _fail_when(engine, monkeypatch, method: str, seed: int, after_tokens: int = 0):
-    """Makes `engine.<method>` raise for requests with `seed` (once they have `after_tokens`
-    tokens): a stand-in for any bug or bad input that only shows inside a step."""
-    real = getattr(engine, method)
+def _fail_when(engine, monkeypatch, stage: str, seed: int, after_tokens: int = 0):
+    """Makes a step raise for requests with `seed` (once they have `after_tokens` tokens): at "prefill"
+    (the runner's, for the requests whose cache rows it fills: `engine.running[start:start + B]`) or at
+    "append" (the scheduler's, for the request a token goes to). A stand-in for any bug or bad input
+    that only shows inside a step."""
+    owner = engine.runner if stage == "prefill" else engine.scheduler
+    real = getattr(owner, stage)
 
     def failing(*args, **kwargs):
-        reqs = args[0] if method == "_prefill" else [args[0]]
+        if stage == "prefill":
+            ids, start = args[0], kwargs.get("start", args[-1])
+            reqs = engine.running[start : start + ids.shape[0]]
+        else:
+            reqs = [args[0]]
         if any(r.params.seed == seed and len(r.output) >= after_tokens for r in reqs):
-            raise RuntimeError(f"injected failure in {method}")
+            raise RuntimeError(f"injected failure in {stage}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, method, failing)
+    monkeypatch.setattr(owner, stage, failing)
 
 
 def test_a_request_failing_inside_the_engine_fails_alone(served, monkeypatch):
     url, engine, client = served
-    _fail_when(engine, monkeypatch, "_prefill", seed=666)  # fails as it joins the batch
-    _fail_when(engine, monkeypatch, "_append", seed=667, after_tokens=3)  # fails mid-generation
+    _fail_when(engine, monkeypatch, "prefill", seed=666)  # fails as it joins the batch
+    _fail_when(engine, monkeypatch, "append", seed=667, after_tokens=3)  # fails mid-generation
     bystander = {}
 
     def stream():  # runs through both failures
@@ -106,7 +113,7 @@ def test_a_failing_request_admitted_with_others_fails_alone(wide_ckpt, monkeypat
     """The engine itself: a step that fails while admitting several requests retries them one per
     step, so only the culprit fails; `generate()` re-raises its error; the engine goes on."""
     engine = Engine.from_checkpoint(wide_ckpt, max_batch=4, max_len=64)
-    _fail_when(engine, monkeypatch, "_prefill", seed=666)
+    _fail_when(engine, monkeypatch, "prefill", seed=666)
     ids = engine.tokenizer.encode("hello there")
     reqs = [engine.add_request(ids, SamplingParams(max_new_tokens=5, seed=s, ignore_eos=True)) for s in (1, 666, 2)]
     while engine.has_work():
