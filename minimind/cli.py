@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS, SCHEDULES
-from minimind.recipes import DATA_KINDS, STAGE_NAMES
+from minimind.recipes import DATA_KINDS, STAGE_NAMES, STAGES
 
 HANDLERS = {
     "synth": "minimind.data.synth:run",
@@ -180,7 +180,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-packing", action="store_true",
                    help="one sample (pretrain: document) per row padded to --seq-len, MiniMind's layout, instead of "
                         "packing")
-    p.add_argument("--adam-betas", type=_betas, metavar="B1,B2", help="AdamW's betas (default: the stage's; 0.8,0.95 for pretrain, else 0.9,0.95)")
+    p.add_argument("--adam-betas", type=_betas, metavar="B1,B2", help="AdamW's betas ("
+                        + ", ".join(f"{s.name} {s.adam_betas[0]:g},{s.adam_betas[1]:g}" for s in STAGES.values()) + ")")
     p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction,
                    help="pretrain: each token attends only to its own document and positions restart after each "
                         "document's end token (packed chat rows always work this way)")
