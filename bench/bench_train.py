@@ -64,11 +64,11 @@ def _init_ckpt(prepared, smoke):
 
 
 PROVIDERS = {
-    "pretrain-eager-fp32": ("pretrain", []),
-    "pretrain-compile-fp32": ("pretrain", ["--compile"]),
+    "pretrain-eager-fp32": ("pretrain", ["--dtype", "float32"]),  # pinned: --dtype auto may pick bf16
+    "pretrain-compile-fp32": ("pretrain", ["--compile", "--dtype", "float32"]),
     "pretrain-bf16-autocast": ("pretrain", ["--dtype", "bfloat16"]),
-    "sft-packed-fp32": ("sft", []),
-    "sft-padded-fp32": ("sft", ["--no-packing"]),
+    "sft-packed-fp32": ("sft", ["--dtype", "float32"]),
+    "sft-padded-fp32": ("sft", ["--no-packing", "--dtype", "float32"]),
 }
 
 
