@@ -56,6 +56,8 @@ from minimind.stages import Setup
 from minimind.trainconfig import resolve
 from minimind.trainlog import RunLog
 
+clock = time.perf_counter  # the run's wall-clock (--max-time, tokens/s); a test swaps in a fake one
+
 
 def run(args) -> int:
     try:
@@ -119,7 +121,7 @@ def lr_at(step: int, progress: float, *, lr: float, min_lr: float, warmup: int, 
 
 class Trainer:
     def __init__(self, args):
-        self._began = time.perf_counter()  # start-up counts inside --max-time: a user waits for it too
+        self._began = clock()  # start-up counts inside --max-time: a user waits for it too
         self.cfg = resolve(args)
         self.stage = args.stage
         self.dist = distributed.setup(self.cfg)
@@ -151,9 +153,9 @@ class Trainer:
     def _build(self):
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
         setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
-        began = time.perf_counter()
+        began = clock()
         self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
-        self.startup_s = {"model and data": time.perf_counter() - began}
+        self.startup_s = {"model and data": clock() - began}
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
         self.raw_model = self.model
@@ -216,7 +218,7 @@ class Trainer:
                 self.dtype = pick_dtype(chosen, self.device)
                 self.log.message(f"--dtype auto: {chosen}, as this run chose when it started")
                 return 0.0
-        started = time.perf_counter()
+        started = clock()
         # two rows at the run's length: the same products as its steps, in a fraction of their time
         b, t = min(self.cfg.batch_size, 2), self.cfg.seq_len
         gen = torch.Generator().manual_seed(0)  # the run's own random state is left as it is
@@ -232,7 +234,7 @@ class Trainer:
         self.dtype = choose(times)
         self.dtype_timing = {str(d).removeprefix("torch."): round(s, 4) for d, s in times.items()}
         self.log.message(describe(f"--dtype auto, a forward and backward at {b} x {t}", times, self.dtype))
-        return time.perf_counter() - started
+        return clock() - started
 
     def _undo_if_fresh(self, unsaved: bool = False):
         """A fresh run that fails before its first step leaves its directory as it found it, so the same
@@ -304,7 +306,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         """Training wall-clock, resumed runs included (what --max-time budgets)."""
-        return self._elapsed_before + time.perf_counter() - self._start
+        return self._elapsed_before + clock() - self._start
 
     def _progress(self) -> float:
         """How much of the run is done, 0 -> 1: the furthest along of its steps and its time budget. For
@@ -351,7 +353,7 @@ class Trainer:
     def _fit(self) -> int:
         cfg = self.cfg
         self._install_signal_handlers()
-        last_log_time = time.perf_counter()
+        last_log_time = clock()
         self.log.start(self.total_steps, self.step)
         parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.startup_s.items())
         self.log.message(f"start-up took {last_log_time - self._began:.1f}s ({parts})"
@@ -378,22 +380,22 @@ class Trainer:
                        schedule=cfg.schedule, decay_frac=cfg.decay_frac)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_start = time.perf_counter() if self._compiling else None
+            step_start = clock() if self._compiling else None
             step = self._optimizer_step()
             self._watch_finite(step)
             self.step += 1
             if self._compiling:  # the first step of a compiled run is mostly compilation: say how long
                 self._compiling = False
                 self._check_finite_so_far()  # waits for the step to end, so the time is the step's
-                self.log.message(f"torch.compile: step {self.step} took {time.perf_counter() - step_start:.1f}s "
+                self.log.message(f"torch.compile: step {self.step} took {clock() - step_start:.1f}s "
                                  "with compilation (counted in the run's wall-clock and --max-time)")
             self.log.advance()
             self._note_repeats()
             done = self._done()
             if self.step % cfg.log_every == 0 or self.step == self.total_steps or done:
                 final_eval = done and self.setup.val_dir is not None  # a run ends with its held-out loss
-                self._log_row(step, lr, time.perf_counter() - last_log_time, self.step - logged, final_eval)
-                last_log_time, logged = time.perf_counter(), self.step
+                self._log_row(step, lr, clock() - last_log_time, self.step - logged, final_eval)
+                last_log_time, logged = clock(), self.step
             if self.stop_signal is not None:
                 exit_code = 128 + self.stop_signal
                 self.log.message(f"signal {self.stop_signal}: saving step {self.step} and exiting")
