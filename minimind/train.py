@@ -186,7 +186,8 @@ class Trainer:
                 (self.out / "run.json").write_text(text)
         if self.cfg.deepspeed:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
-            self.model = self.ds_engine = distributed.deepspeed_engine(self)
+            self.ds_engine, self.dtype = distributed.deepspeed_engine(self.model, self.optimizer, self.cfg, self.dtype)
+            self.model = self.ds_engine
             if getattr(self, "_deepspeed_resume_dir", None) is not None:
                 self.ds_engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
                                             load_lr_scheduler_states=False)
