@@ -42,12 +42,10 @@ from minimind.checkpoint import (
     read_json,
     read_trainer_state,
     resolve_checkpoint,
-    state_dict_for_save,
     weights_finite,
 )
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.faults import DiskFull, Interrupted, interrupted_exit, writing
-from minimind.grpo import GRPOSetup
 from minimind.optim import build_optimizer
 from minimind.outputs import OutputError, check_apart
 from minimind.recipes import STAGES
@@ -150,9 +148,10 @@ class Trainer:
 
     def _build(self):
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
-        setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
         began = time.perf_counter()
-        self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
+        # model, tokenizer, data, objective, batches, trainable params
+        self.setup = Setup(self.cfg, device=self.device, dist=self.dist, log=self.log)
+        self.cfg = self.setup.cfg  # as the run found it (--resume's model, vocab_size=auto): what run.json records
         self.startup_s = {"model and data": time.perf_counter() - began}
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
@@ -463,8 +462,8 @@ class Trainer:
         micro = setup.next_step(cfg.grad_accum)  # [(batch on the host, the same on the device)]
         objective = setup.objective
         local_weight = sum(float(objective.weight(host)) for host, _ in micro)
-        self._tokens += sum(setup.tokens_in(host) for host, _ in micro)
-        self._useful += sum(setup.useful_in(host) for host, _ in micro)
+        self._tokens += sum(objective.tokens(host) for host, _ in micro)
+        self._useful += sum(objective.useful(host) for host, _ in micro)
         total_weight = self.dist.all_reduce_sum_on_device(local_weight)  # a float, or a device tensor (DDP)
         # each rank's gradient is averaged by DDP (divided by world size), so scale it back up
         scale = self.dist.world_size / (total_weight.clamp_min(1e-12).float() if torch.is_tensor(total_weight)
@@ -656,7 +655,7 @@ class Trainer:
 
     def _checkpoint_bytes(self) -> int:
         """About what a checkpoint takes (the full disk's message): weights, optimizer state, tokenizer."""
-        weights = self.setup.trainable if STAGES[self.stage].adapters else state_dict_for_save(self.raw_model).values()
+        weights = self.setup.checkpoint_tensors()
         tok = self.setup.tokenizer_dir
         tok_bytes = sum((tok / n).stat().st_size for n in TOKENIZER_FILES if (tok / n).is_file()) if tok else 0
         tensors = [*weights, *_tensors_in(self.optimizer.state_dict())]
