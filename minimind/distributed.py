@@ -131,13 +131,14 @@ def wrap(trainer):
     return DDP(trainer.model, device_ids=ids)
 
 
-def deepspeed_engine(trainer):
-    """deepspeed.initialize on our model and AdamW, with the config's "auto" values filled from the run."""
+def deepspeed_engine(model, optimizer, cfg, dtype: torch.dtype):
+    """deepspeed.initialize on our model and AdamW, with the config's "auto" values filled from the run
+    (bf16/fp16 "auto": on where `dtype` is that). -> (the engine, the dtype the loop autocasts to from
+    now on: float32, as DeepSpeed casts the model itself; no autocast on top)."""
     import json
 
     import deepspeed
 
-    cfg = trainer.cfg
     with open(cfg.deepspeed) as f:
         try:
             ds = json.load(f)
@@ -152,19 +153,16 @@ def deepspeed_engine(trainer):
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.pop("train_batch_size", None)  # derived by deepspeed from the two above and the world size
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    for key, half in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
-            ds[key]["enabled"] = trainer.dtype == dtype
-    if trainer.dtype != torch.float32:
-        trainer.dtype = torch.float32  # deepspeed casts the model itself; no autocast on top
-    engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=ds,
-                                           dist_init_required=False)
+            ds[key]["enabled"] = dtype == half
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     if engine.zero_optimization_partition_weights():  # ZeRO-3: parameters live partitioned across ranks
         # the fused head reads lm_head's weight (tied: the embedding's) outside lm_head's forward; ZeRO-3
         # gathers it for head_loss's forward and backward only once it knows head_loss needs it
         model = engine.module
         deepspeed.zero.register_external_parameter(model.head_loss, model.lm_head.weight)
-    return engine
+    return engine, torch.float32
 
 
 def gathered_weights(model):

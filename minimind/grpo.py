@@ -1,7 +1,7 @@
 """GRPO (DeepSeekMath, arXiv:2402.03300): sample a group of completions per prompt with the KV-cached
 engine, score them with rule rewards, and push up the log-probs of completions that beat their
 group's mean, with a clipped ratio and a k3 KL penalty to a frozen reference. The batches are
-rollouts (GRPOSetup, here); the loss is objectives.GRPO, beside the other objectives.
+rollouts (`Rollouts`, here); the loss is objectives.GRPO, beside the other objectives.
 
 Rewards: exact match on the rlaif `answer` (1), the <think>/<answer> format (0.2), minus penalties
 for running out of tokens without stopping (0.1) and for repeated trigrams (up to 0.2).
@@ -11,11 +11,11 @@ import re
 
 import torch
 
+from minimind.batches import DataBatches
 from minimind.data.loader import open_prepared
 from minimind.errors import UsageError
 from minimind.linear import drop_packed
-from minimind.objectives import GRPO, RolloutBatch, token_logps
-from minimind.stages import Setup
+from minimind.objectives import RolloutBatch, token_logps
 
 _NUMBER = re.compile(r"-?\d+")
 _FORMAT = re.compile(r"^\s*<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\s*$", re.S)
@@ -51,51 +51,55 @@ def repetition(text: str) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-class GRPOSetup(Setup):
-    def _objective(self):
-        from infer.engine import Engine
+class Rollouts(DataBatches):
+    """GRPO's batches (a stage record's `batches="rollouts"`): each step's prompts, read from prepared grpo
+    data, with a group of completions each sampled from the policy as it is now, scored (`reward`) and
+    packed with their advantages and their log-probs under the policy and the frozen reference `ref`."""
 
-        self.ref = self._frozen(self.cfg.ref or self.base_ckpt)
-        if self.ref.config.to_dict() != self.model.config.to_dict():
-            raise ValueError(f"--ref {self.cfg.ref}: its architecture differs from the policy's (--init)")
+    def __init__(self, loader, model, ref, tokenizer_dir, cfg, device: torch.device):
+        from infer.engine import Engine
         from minimind.data.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        group = self.cfg.group_size
+        super().__init__(loader, device)
+        if ref.config.to_dict() != model.config.to_dict():
+            raise ValueError(f"--ref {cfg.ref}: its architecture differs from the policy's (--init)")
+        self.model, self.ref, self.tokenizer = model, ref, load_tokenizer(tokenizer_dir)
+        self.group, self.max_new_tokens, self.seed = cfg.group_size, cfg.max_new_tokens, cfg.seed
         # no CUDA graphs: the policy trains between rollouts (dropout, and DeepSpeed may re-point weights)
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.cfg.batch_size * group, cuda_graphs=False)
+        self.engine = Engine(model, self.tokenizer, max_batch=cfg.batch_size * self.group, cuda_graphs=False)
         self._check_rollout_length()
         self.rollouts = 0
-        return GRPO(beta=self.cfg.beta if self.cfg.beta is not None else 0.04)
+
+    @staticmethod
+    def check_data(data_dir):
+        stage = open_prepared(data_dir).meta.get("stage")
+        if stage != "grpo":
+            raise UsageError(f"--data {data_dir} was prepared for stage {stage!r}; "
+                             "--stage grpo needs data prepared as grpo (rlaif prompts)")
 
     def _check_rollout_length(self):
         """A rollout is a prompt plus --max-new-tokens; past the engine's context it would fail at the first
         step (ContextLengthError), so the longest prompt of the data is checked here."""
-        lengths = open_prepared(self.data_dir).lengths
+        lengths = self.loader.data.lengths
         longest = int(lengths.max()) if len(lengths) else 0
-        if longest + self.cfg.max_new_tokens > self.engine.max_len:
-            raise UsageError(f"--max-new-tokens {self.cfg.max_new_tokens}: with the longest prompt of --data "
+        if longest + self.max_new_tokens > self.engine.max_len:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens}: with the longest prompt of --data "
                              f"({longest} tokens) a rollout exceeds the model's context of {self.engine.max_len} "
                              f"tokens; use at most {max(0, self.engine.max_len - longest)}")
-
-    def _check_data(self, data_dir):
-        if open_prepared(data_dir).meta.get("stage") != "grpo":
-            raise UsageError(f"--data {data_dir} was prepared for stage {open_prepared(data_dir).meta.get('stage')!r}; "
-                             "--stage grpo needs data prepared as grpo (rlaif prompts)")
 
     def next_step(self, n: int) -> list[tuple]:
         """Rollouts need the policy as it is now, so nothing is read ahead; they are made on the device."""
         return [(b, b) for b in (self.next_batch() for _ in range(n))]
 
-    def next_batch(self):
+    def next_batch(self) -> RolloutBatch:
         from infer.engine import SamplingParams
 
         prompts = next(self._iter)
-        g = self.cfg.group_size
-        seed = self.cfg.seed * 1_000_003 + self.rollouts
+        g = self.group
+        seed = self.seed * 1_000_003 + self.rollouts
         self.rollouts += 1
         flat = [p for p in prompts.prompt_ids for _ in range(g)]
-        params = [SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
+        params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0, top_p=1.0,
                                  seed=seed + i) for i in range(len(flat))]
         drop_packed(self.model)  # the optimizer may have written weights through .data (DeepSpeed)
         outs = self.engine.generate(flat, params)
@@ -121,14 +125,6 @@ class GRPOSetup(Setup):
             ref = token_logps(self.ref, ids, targets)
         return RolloutBatch(ids, targets, weights.to(self.device), None, adv.to(self.device), old, ref,
                             rewards.to(self.device))
-
-    @staticmethod
-    def tokens_in(batch) -> int:
-        return batch.input_ids.numel()
-
-    @staticmethod
-    def useful_in(batch) -> int:
-        return int(batch.weights.sum())
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Training objectives: each turns (model, batch) into a summed loss, the weight that sum is over, and
-the stage's own metrics. The training loop divides by the total weight of the optimizer step (all
-micro-batches, all ranks), so accumulation and DDP give the same update as one big batch.
+the stage's own metrics, and counts the tokens of its batches (it knows their type). The training loop
+divides by the total weight of the optimizer step (all micro-batches, all ranks), so accumulation and
+DDP give the same update as one big batch.
 
 Shapes: B rows, T time, V vocab; N = B*T flattened tokens.
 """
@@ -33,6 +34,16 @@ class CausalLM:
 
     def weight(self, batch) -> torch.Tensor:
         return batch.weights.sum()
+
+    @staticmethod
+    def tokens(batch) -> int:
+        """The tokens a batch feeds the model (tokens_per_s)."""
+        return batch.input_ids.numel()
+
+    @staticmethod
+    def useful(batch) -> int:
+        """Those of them that carry loss (useful_tokens_per_s)."""
+        return int((batch.weights > 0).sum())
 
     def __call__(self, model, batch):
         loss_sum, aux = token_nll(model, batch)
@@ -68,6 +79,14 @@ class DPO:
 
     def weight(self, batch) -> torch.Tensor:
         return torch.tensor(float(batch.chosen.input_ids.shape[0]))
+
+    @staticmethod
+    def tokens(batch) -> int:
+        return batch.chosen.input_ids.numel() + batch.rejected.input_ids.numel()
+
+    @staticmethod
+    def useful(batch) -> int:
+        return int((batch.chosen.weights > 0).sum() + (batch.rejected.weights > 0).sum())
 
     @staticmethod
     def _both(batch):
@@ -110,7 +129,7 @@ class DPO:
         return loss.sum(), aux, metrics
 
 
-class Distill:
+class Distill(CausalLM):
     """White-box distillation (Hinton et al., arXiv:1503.02531): alpha * CE + (1 - alpha) * tau^2 *
     KL(teacher || student) at temperature tau, over the weighted (assistant) tokens."""
 
@@ -118,9 +137,6 @@ class Distill:
 
     def __init__(self, teacher, temperature: float, alpha: float):
         self.teacher, self.tau, self.alpha = teacher, temperature, alpha
-
-    def weight(self, batch) -> torch.Tensor:
-        return batch.weights.sum()
 
     def __call__(self, model, batch):
         out = model(batch.input_ids, position_ids=batch.position_ids)
@@ -139,7 +155,7 @@ class Distill:
         return (per_token * w).sum(), out.aux_loss, {"kl": kl_mean}
 
 
-# ----------------------------------------------------------------- GRPO (batches: grpo.GRPOSetup's rollouts)
+# ----------------------------------------------------------------- GRPO (batches: grpo.Rollouts)
 class RolloutBatch(NamedTuple):
     input_ids: torch.Tensor  # (R, T) prompt + completion, R = prompts * group size
     targets: torch.Tensor  # (R, T) next tokens, -100 outside the completion
@@ -165,6 +181,14 @@ class GRPO:
 
     def weight(self, batch) -> torch.Tensor:
         return batch.weights.sum()
+
+    @staticmethod
+    def tokens(batch) -> int:
+        return batch.input_ids.numel()
+
+    @staticmethod
+    def useful(batch) -> int:
+        return int(batch.weights.sum())
 
     def __call__(self, model, batch):
         logp = token_logps(model, batch.input_ids, batch.targets)

@@ -1,5 +1,6 @@
 """The training stages as records: one `Stage` per name, read by the CLI (choices), `prepare` (data
-kinds), the loop (defaults, what data a stage accepts, whether its batches are rollouts).
+kinds), the loop (defaults, what data a stage accepts) and `stages.Setup` (its parts: objective, batch
+source, trained parameters: each named here, built from one registry in stages.py).
 Nothing here imports the loop; adding a stage starts with a record here.
 """
 
@@ -11,8 +12,9 @@ class DataKind:
     """What `minimind prepare --stage NAME` writes and the loader reads."""
 
     name: str
-    layout: str  # "text": documents in one token stream | "chat": conversations, loss on assistant spans |
-    #              "pairs": chosen/rejected conversations (dpo) | "prompts": prompts + reference answers (grpo)
+    layout: str  # a key of data.layouts.LAYOUTS: "text": documents in one token stream | "chat": conversations,
+    #              loss on assistant spans | "pairs": chosen/rejected conversations (dpo) | "prompts": prompts +
+    #              reference answers (grpo)
     tag_weights: bool = False  # <think>/<answer> tags get their own loss weight (reason)
 
 
@@ -36,11 +38,13 @@ class Stage:
     warmup_steps: int = 10
     adam_betas: tuple = (0.9, 0.95)  # AdamW's (beta1, beta2)
     beta: float = 0.1  # DPO's and GRPO's KL weight
-    objective: str = "causal_lm"  # a key of stages.OBJECTIVES
+    # the stage's parts, by name (stages.OBJECTIVES, BATCHES, PARAMS): what the loss is, where its batches come
+    # from, which parameters train and what a checkpoint of them holds
+    objective: str = "causal_lm"  # causal_lm | reason | dpo | distill | grpo
+    batches: str = "data"  # "data": read from prepared data | "rollouts": sampled from the policy (GRPO)
+    params: str = "all"  # "all" | "adapters": LoRA adapters on the frozen model, saved alone (a LoRA checkpoint)
     needs_init: bool = True  # starts from a checkpoint (every stage but pretrain, which may train a tokenizer)
     needs_teacher: bool = False  # distillation: --teacher CKPT
-    adapters: bool = False  # trains LoRA adapters only and saves just them (a LoRA checkpoint)
-    rollouts: bool = False  # batches are sampled from the policy (GRPO), not read from data
     packs_documents: bool = False  # pretrain rows are windows over one token stream
     optim: str = "adamw"
     doc_mask: bool = False  # pretrain: attention within each document (trainconfig.doc_mask)
@@ -64,13 +68,13 @@ STAGES = {s.name: s for s in (
           adam_betas=(0.8, 0.95), needs_init=False, packs_documents=True, optim="muon", doc_mask=True,
           cpu=(("batch_size", 12),)),
     Stage("sft", data="sft", accepts=CHAT_DATA, lr=2e-4, batch_size=16),
-    Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0, adapters=True),
+    Stage("lora", data="lora", accepts=CHAT_DATA, lr=1e-3, batch_size=16, weight_decay=0.0, params="adapters"),
     Stage("dpo", data="dpo", accepts=frozenset({"dpo"}), lr=1e-5, batch_size=8, weight_decay=0.0, warmup_steps=0,
           objective="dpo"),
     Stage("distill", data="distill", accepts=CHAT_DATA, lr=2e-4, batch_size=16, objective="distill",
           needs_teacher=True),
     Stage("reason", data="reason", accepts=frozenset({"reason"}), lr=2e-4, batch_size=16, objective="reason"),
     Stage("grpo", data="grpo", accepts=frozenset({"grpo"}), lr=5e-6, batch_size=4, weight_decay=0.0,
-          warmup_steps=0, beta=0.04, objective="grpo", rollouts=True),
+          warmup_steps=0, beta=0.04, objective="grpo", batches="rollouts"),
 )}
 STAGE_NAMES = tuple(STAGES)

@@ -42,12 +42,10 @@ from minimind.checkpoint import (
     read_json,
     read_trainer_state,
     resolve_checkpoint,
-    state_dict_for_save,
     weights_finite,
 )
 from minimind.errors import TrainingDiverged, UsageError
 from minimind.faults import DiskFull, Interrupted, interrupted_exit, writing
-from minimind.grpo import GRPOSetup
 from minimind.optim import build_optimizer
 from minimind.outputs import OutputError, check_apart
 from minimind.recipes import STAGES
@@ -152,9 +150,10 @@ class Trainer:
 
     def _build(self):
         self.log.message(f"building the {self.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
-        setup = GRPOSetup if STAGES[self.stage].rollouts else Setup  # GRPO's batches are rollouts
         began = clock()
-        self.setup = setup(self)  # model, tokenizer, loader, objective, trainable params
+        # model, tokenizer, data, objective, batches, trainable params
+        self.setup = Setup(self.cfg, device=self.device, dist=self.dist, log=self.log)
+        self.cfg = self.setup.cfg  # as the run found it (--resume's model, vocab_size=auto): what run.json records
         self.startup_s = {"model and data": clock() - began}
         self.model = self.setup.model
         self.ds_engine = None  # deepspeed engine
@@ -188,7 +187,8 @@ class Trainer:
                 (self.out / "run.json").write_text(text)
         if self.cfg.deepspeed:
             self.log.message("starting DeepSpeed (it may build its ops on first use)")
-            self.model = self.ds_engine = distributed.deepspeed_engine(self)
+            self.ds_engine, self.dtype = distributed.deepspeed_engine(self.model, self.optimizer, self.cfg, self.dtype)
+            self.model = self.ds_engine
             if getattr(self, "_deepspeed_resume_dir", None) is not None:
                 self.ds_engine.load_checkpoint(str(self._deepspeed_resume_dir), tag="state",
                                             load_lr_scheduler_states=False)
@@ -464,8 +464,8 @@ class Trainer:
         micro = setup.next_step(cfg.grad_accum)  # [(batch on the host, the same on the device)]
         objective = setup.objective
         local_weight = sum(float(objective.weight(host)) for host, _ in micro)
-        self._tokens += sum(setup.tokens_in(host) for host, _ in micro)
-        self._useful += sum(setup.useful_in(host) for host, _ in micro)
+        self._tokens += sum(objective.tokens(host) for host, _ in micro)
+        self._useful += sum(objective.useful(host) for host, _ in micro)
         total_weight = self.dist.all_reduce_sum_on_device(local_weight)  # a float, or a device tensor (DDP)
         # each rank's gradient is averaged by DDP (divided by world size), so scale it back up
         scale = self.dist.world_size / (total_weight.clamp_min(1e-12).float() if torch.is_tensor(total_weight)
@@ -657,7 +657,7 @@ class Trainer:
 
     def _checkpoint_bytes(self) -> int:
         """About what a checkpoint takes (the full disk's message): weights, optimizer state, tokenizer."""
-        weights = self.setup.trainable if STAGES[self.stage].adapters else state_dict_for_save(self.raw_model).values()
+        weights = self.setup.checkpoint_tensors()
         tok = self.setup.tokenizer_dir
         tok_bytes = sum((tok / n).stat().st_size for n in TOKENIZER_FILES if (tok / n).is_file()) if tok else 0
         tensors = [*weights, *_tensors_in(self.optimizer.state_dict())]

@@ -157,10 +157,10 @@ def _check_combinations(cfg: TrainConfig, stage) -> None:
     if cfg.min_lr > cfg.lr:
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule would raise the lr "
                          "towards its end; --min-lr is the floor it decays to")
-    if stage.rollouts and cfg.group_size < 2:
+    if stage.batches == "rollouts" and cfg.group_size < 2:
         raise UsageError(f"--group-size {cfg.group_size}: GRPO scores each completion against the others of its "
                          "group, so a group needs at least 2")
-    if stage.adapters and cfg.optim == "muon":
+    if stage.params == "adapters" and cfg.optim == "muon":
         raise UsageError(f"--optim muon with --stage {cfg.stage}: Muon trains the blocks' full weight matrices, "
                          "which LoRA freezes (its adapters are low-rank factors); use --optim adamw")
 

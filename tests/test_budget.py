@@ -112,9 +112,9 @@ def test_start_up_counts_inside_the_time_budget_and_is_logged(small_pretrain, tm
     import minimind.train
 
     class SlowSetup(minimind.train.Setup):
-        def __init__(self, trainer):
+        def __init__(self, *args, **kwargs):
             time.sleep(3.0)
-            super().__init__(trainer)
+            super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(minimind.train, "Setup", SlowSetup)
     out = tmp_path / "slow"

@@ -343,7 +343,8 @@ def test_minimind_format_packed_with_doc_masks_gives_each_document_its_padded_lo
                     b = ids.index(end, a) + 1  # the document a..b-1, its last target is the next start
                     padded = make_loader(minimind_format_dir, stage="pretrain", batch_size=1, seq_len=b - a,
                                          packed=False)
-                    alone = _token_losses(model, padded._documents([_doc_index(data, ids[a:b])]), 0, 0, b - a - 1, True)
+                    alone = _token_losses(model, padded.document_batch([_doc_index(data, ids[a:b])]), 0, 0, b - a - 1,
+                                          True)
                     packed = _token_losses(model, batch, r, a, b - 1, False)
                     ok = torch.allclose(packed, alone, rtol=1e-5, atol=1e-5) and batch.weights[r, b - 1] == 0
                     same, differ = same + ok, differ + (not ok)

@@ -7,7 +7,7 @@ What runs here, per stage objective: the forward and loss of a micro-batch (`Tra
 the step's sums (`_accumulate`), clipping and the fused AdamW step with hand-set gradients
 (`_update`), and the divergence watch (`_watch_finite`): a whole non-logging step but two parts.
 - `backward()`: autograd on fake CUDA tensors aborts the process on a CPU-only torch.
-- the batch transfer (`Setup.next_step` -> `stages.to_device`: pinned memory, non-blocking copies, a
+- the batch transfer (`Setup.next_step` -> `batches.to_device`: pinned memory, non-blocking copies, a
   step ahead): `.pin_memory()` has no fake implementation and `.to("cuda")` needs CUDA even under fake
   mode on a CPU-only torch, so the batches here are made on the fake device directly. On a GPU,
   bench/sync_check.py runs whole steps, transfer and backward included, under

@@ -18,15 +18,18 @@ the world size: a run resumed with another world size continues from the same gl
 
 import json
 from bisect import bisect_left, insort
+from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from minimind.data.layouts import Batch, layout_of
+from minimind.data.layouts import PairBatch as PairBatch  # the batch types, importable from here as before
+from minimind.data.layouts import PromptBatch as PromptBatch
 from minimind.data.prepare import FORMAT_VERSION
 from minimind.data.tokenizer import tokenizer_fingerprint
-from minimind.recipes import CHAT_DATA, DATA
+from minimind.recipes import CHAT_DATA
 
 IGNORE = -100
 STATE_VERSION = 1
@@ -34,23 +37,6 @@ STATE_VERSION = 1
 
 class DataError(ValueError):
     pass
-
-
-class Batch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) int64
-    targets: torch.Tensor  # (B, T) int64, next token or -100
-    weights: torch.Tensor  # (B, T) float32, loss weight of each target (0 where targets == -100)
-    position_ids: torch.Tensor | None  # (B, T) int64 restarting at 0 per document, or None (plain causal)
-
-
-class PairBatch(NamedTuple):
-    chosen: Batch
-    rejected: Batch
-
-
-class PromptBatch(NamedTuple):
-    prompt_ids: list[list[int]]
-    answers: list[str | None]
 
 
 class Prepared:
@@ -180,7 +166,8 @@ def pack(lengths: list[int], order: np.ndarray, capacity: int, chunk: int = 4096
 
 
 class Loader:
-    """Endless iterator of batches for one rank; see the module docstring for order, resume and sharding."""
+    """Endless iterator of batches for one rank; see the module docstring for order, resume and sharding.
+    The data's layout (data.layouts) orders each epoch's rows and makes their batch with the methods below."""
 
     def __init__(self, data: Prepared, *, stage: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, packed: bool = True, doc_mask: bool = False):
@@ -189,14 +176,10 @@ class Loader:
             raise DataError(f"need 0 <= rank < world_size, batch_size >= 1, seq_len >= 2; got rank {rank}, "
                             f"world_size {world_size}, batch_size {batch_size}, seq_len {seq_len}")
         self.data, self.stage, self.seed = data, stage, seed
-        self.layout = DATA[stage].layout
+        self.layout = layout_of(stage)
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.packed = packed and self.layout in ("chat", "text")
-        self.doc_mask = doc_mask and self.layout == "text" and self.packed
-        self.doc_start = data.meta.get("doc_start_id") if self.layout == "text" else None
-        # a chat longer than T keeps its first T tokens; packed pretrain needs no per-document list
-        self.capped = (np.minimum(data.lengths, seq_len).tolist()
-                       if self.layout in ("chat", "pairs") or not self.packed else None)
+        self.packed = packed and self.layout.packable
+        self.doc_mask = doc_mask and self.layout.masks_documents and self.packed
         self._epoch, self._row, self._consumed = 0, 0, 0
         self._plans: dict[int, object] = {}
         if self._num_rows(0) == 0:
@@ -208,17 +191,7 @@ class Loader:
         if epoch not in self._plans:
             for old in [e for e in self._plans if e < epoch - 1]:
                 del self._plans[old]
-            rng = np.random.default_rng([self.seed, epoch])
-            if self.layout == "text" and self.packed:
-                plan = rng.permutation((self.data.meta["num_tokens"] - 1) // self.seq_len)
-            elif self.layout == "pairs":
-                plan = rng.permutation(self.data.num_docs // 2)
-            elif self.packed:
-                plan = pack(self.capped, rng.permutation(self.data.num_docs), self.seq_len)
-                plan = [plan[i] for i in rng.permutation(len(plan))]
-            else:
-                plan = rng.permutation(self.data.num_docs)
-            self._plans[epoch] = plan
+            self._plans[epoch] = self.layout.plan(self, np.random.default_rng([self.seed, epoch]))
         return self._plans[epoch]
 
     def _num_rows(self, epoch: int) -> int:
@@ -241,15 +214,7 @@ class Loader:
 
     def __next__(self):
         rows = self._next_rows(self.batch_size * self.world_size)
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        if self.layout == "text":
-            return self._windows(mine) if self.packed else self._documents(mine)
-        if self.layout == "pairs":
-            pairs = np.asarray(mine, dtype=np.int64)
-            return PairBatch(self._padded(2 * pairs), self._padded(2 * pairs + 1))
-        if self.layout == "prompts":
-            return PromptBatch([self._doc(d).tolist() for d in mine], [self.data.answers[d] for d in mine])
-        return self._packed(mine) if self.packed else self._padded(mine)
+        return self.layout.batch(self, rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
 
     @property
     def epoch(self) -> float:
@@ -282,22 +247,33 @@ class Loader:
         if self._row >= self._num_rows(self._epoch):
             raise DataError(f"loader state row {self._row} is past the end of epoch {self._epoch}")
 
-    # --- batches -----------------------------------------------------------------------------------------
-    def _doc(self, d: int) -> np.ndarray:
+    # --- rows and batches (called by the layout) ----------------------------------------------------------
+    @cached_property
+    def capped(self) -> list[int]:
+        """Each document's length up to T: a chat longer than T keeps its first T tokens (packed pretrain
+        never asks: it needs no per-document list)."""
+        return np.minimum(self.data.lengths, self.seq_len).tolist()
+
+    def pack_rows(self, order: np.ndarray) -> list[np.ndarray]:
+        return pack(self.capped, order, self.seq_len)
+
+    def doc(self, d: int) -> np.ndarray:
         o = self.data.offsets
         return self.data.tokens[o[d]:o[d + 1]]
 
-    def _windows(self, rows) -> Batch:
+    def window_batch(self, rows) -> Batch:
+        """Pretrain windows of T + 1 tokens of the stream; in MiniMind2's document format a target that is the
+        next document's start token has weight 0."""
         t = self.seq_len
         win = np.stack([self.data.tokens[i * t:i * t + t + 1] for i in rows]).astype(np.int64)  # (B, T+1)
         x, y = torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy())
         pos = torch.from_numpy(document_positions(win[:, :-1], self.data.meta["eos_id"])) if self.doc_mask else None
         w = torch.ones(y.shape, dtype=torch.float32)
-        if self.doc_start is not None:
-            w[y == self.doc_start] = 0.0
+        if (doc_start := self.data.meta.get("doc_start_id")) is not None:
+            w[y == doc_start] = 0.0
         return Batch(x, y, w, pos)
 
-    def _documents(self, docs) -> Batch:
+    def document_batch(self, docs) -> Batch:
         """One pretrain document a row: its first T + 1 tokens, the rest padding with weight 0."""
         inp, tgt, w, _ = self._empty(len(docs))
         for r, d in enumerate(np.asarray(docs).tolist()):
@@ -330,7 +306,7 @@ class Loader:
         as_t = torch.from_numpy
         return Batch(as_t(inp), as_t(tgt), as_t(w), as_t(pos) if positions else None)
 
-    def _packed(self, rows) -> Batch:
+    def packed_batch(self, rows) -> Batch:
         arrays = self._empty(len(rows))
         for r, docs in enumerate(rows):
             at = 0
@@ -339,7 +315,7 @@ class Loader:
             arrays[3][r, at:] = np.arange(self.seq_len - at)  # padding: one more "document" of its own
         return self._finish(arrays, positions=True)
 
-    def _padded(self, docs) -> Batch:
+    def padded_batch(self, docs) -> Batch:
         arrays = self._empty(len(docs))
         for r, d in enumerate(np.asarray(docs).tolist()):
             self._put(d, r, 0, arrays)

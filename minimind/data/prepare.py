@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from minimind.data.fastbpe import load_fast
+from minimind.data.layouts import BadLine, layout_of
 from minimind.data.tokenizer import (
     IM_END,
     IM_START,
     PAD,
     TAGS,
-    ChatRenderer,
     TokenizerError,
     lone_surrogate,
     read_tokenizer,
@@ -50,7 +50,6 @@ from minimind.outputs import OutputError, carry_over, check_output
 from minimind.recipes import DATA, DATA_KINDS
 
 FORMAT_VERSION = 1
-ROLES = ("system", "user", "assistant")
 BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish together on small files
 COUNTS = ("lines", "skipped_bad", "skipped_no_assistant", "truncated", "skipped_too_long")
 ASSISTANT_HEADER = IM_START + "assistant\n"
@@ -66,10 +65,6 @@ class PrepareError(ValueError):
     """Bad input or output: the message is "FILE:LINE: reason" (or "FILE: reason")."""
 
 
-class _Bad(Exception):
-    """One bad line (the reason, without file and line)."""
-
-
 @lru_cache(maxsize=1)
 def _encoder(stage: str, tokenizer: str, max_seq_len: int, tag_weight: float, fast: bool = True,
              doc_format: str = "minimind") -> "_Encoder":
@@ -81,52 +76,35 @@ class _Encoder:
     def __init__(self, stage: str, tokenizer: Path, max_seq_len: int, tag_weight: float, fast: bool = True,
                  doc_format: str = "minimind"):
         self.stage, self.max_seq_len, self.tag_weight = stage, max_seq_len, tag_weight
-        self.kind = DATA[stage]
+        self.kind, self.layout = DATA[stage], layout_of(stage)
         self.tok = read_tokenizer(tokenizer)
         self.fast, self.why_slow = load_fast(tokenizer) if fast else (None, "disabled")
-        self.render = ChatRenderer(tokenizer) if self.kind.layout != "text" else None
+        self.render = self.layout.renderer(tokenizer)
         self.pad = self.tok.token_to_id(PAD)
         self.im_end = self.tok.token_to_id(IM_END)
         # a pretrain document's tokens: DOC_FORMATS; eos ends it (and is what doc masks split at)
-        self.doc_format = doc_format if self.kind.layout == "text" else None
+        self.doc_format = self.layout.doc_format(doc_format)
         self.start = self.tok.token_to_id(IM_START) if doc_format == "minimind" else None
         self.eos = self.im_end if self.start is not None else self.pad
         self.dtype = np.uint16 if self.tok.get_vocab_size() <= 1 << 16 else np.uint32
 
     def parse(self, raw: bytes) -> dict:
-        """A line's JSON object, or raises _Bad."""
+        """A line's JSON object, or raises BadLine."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _Bad(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
+            raise BadLine(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise _Bad(f"invalid JSON: {e.msg} (column {e.colno})") from None
+            raise BadLine(f"invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+            raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
         return obj
 
     def texts(self, obj: dict) -> list[str]:
-        """The texts to tokenize for one line: 1, or 2 for a dpo pair (chosen, rejected). Raises _Bad."""
-        if self.kind.layout == "text":
-            text = obj.get("text")
-            if not isinstance(text, str):
-                raise _Bad('missing field "text"' if text is None else '"text" must be a string')
-            if not text.strip():
-                raise _Bad('empty "text"')
-            return [text]
-        if self.kind.layout == "pairs":
-            chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
-            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise _Bad('"chosen" and "rejected" must end with an assistant turn')
-            if chosen[:-1] != rejected[:-1]:
-                raise _Bad('"chosen" and "rejected" must share the prompt (all turns but the last)')
-            return [self.render(chosen), self.render(rejected)]
-        msgs = _messages(obj, "conversations")
-        if self.kind.layout == "prompts":
-            return [self.render(_prompt_turns(msgs), add_generation_prompt=True)]
-        return [self.render(msgs)]
+        """The texts to tokenize for one line: 1, or 2 for a dpo pair (chosen, rejected). Raises BadLine."""
+        return self.layout.texts(obj, self.render)
 
     def encode(self, texts: list[str]) -> list:
         """One doc (ids and the way back to text positions) per text: tiktoken when it applies, else tokenizers.
@@ -151,9 +129,7 @@ class _Encoder:
         character (the closing <|im_end|>); a few lookups per span, not a pass per token.
         """
         text = doc.text
-        spans = _assistant_spans(text)
-        if self.kind.layout == "pairs":
-            spans = spans[-1:]
+        spans = self.layout.loss_spans(_assistant_spans(text))
         codes = bytearray(len(doc.ids))  # bytes, not numpy: a few slices per chat, numpy's call overhead dominates
         for a, b in spans:
             first, last = _token_range(doc, a, b)
@@ -209,51 +185,6 @@ def _token_range(doc, a: int, b: int) -> tuple[int, int]:
     return first, doc.token_at(b - 1) + 1
 
 
-def _messages(obj: dict, field: str) -> list[dict]:
-    msgs = obj.get(field)
-    if msgs is None:
-        raise _Bad(f'missing field "{field}"')
-    if not isinstance(msgs, list) or not msgs:
-        raise _Bad(f'"{field}" must be a non-empty list of messages')
-    for i, m in enumerate(msgs):  # the hot path: plain checks, messages built only on failure
-        if type(m) is not dict:
-            raise _Bad(f'{field}[{i}]: expected an object with "role" and "content"')
-        content = m.get("content")
-        if m.get("role") not in ROLES or type(content) is not str or not content.strip() or "reasoning_content" in m:
-            _check_message(m, f"{field}[{i}]")
-    return msgs
-
-
-def _check_message(m: dict, where: str) -> None:
-    if m.get("role") not in ROLES:
-        raise _Bad(f"{where}.role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
-    content, reasoning = m.get("content"), m.get("reasoning_content")
-    if not isinstance(content, str):
-        raise _Bad(f'{where}: missing field "content"' if content is None else f"{where}.content must be a string")
-    if reasoning is not None and not isinstance(reasoning, str):
-        raise _Bad(f"{where}.reasoning_content must be a string")
-    if not content.strip() and not (reasoning or "").strip():
-        raise _Bad(f"{where}.content is empty")
-
-
-def _prompt_turns(msgs: list[dict]) -> list[dict]:
-    """An rlaif prompt: the chat without its trailing reference assistant turn; must end with a user turn."""
-    if msgs[-1]["role"] == "assistant":
-        msgs = msgs[:-1]
-    if not msgs or msgs[-1]["role"] != "user":
-        raise _Bad('"conversations" must end with a user turn (optionally followed by a reference answer)')
-    return msgs
-
-
-def _answer(obj: dict):
-    answer = obj.get("answer")
-    if answer is None and obj["conversations"][-1]["role"] == "assistant":
-        answer = obj["conversations"][-1]["content"]
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise _Bad('"answer" must be a string or a number')
-    return None if answer is None else str(answer)
-
-
 def _assistant_spans(text: str | bytes) -> list[tuple[int, int]]:
     """Spans [a, b) (of characters, or of bytes) of each assistant turn's content through its closing <|im_end|>."""
     header, end = (ASSISTANT_HEADER, IM_END) if isinstance(text, str) else (ASSISTANT_HEADER_B, IM_END_B)
@@ -302,9 +233,9 @@ def encode_block(args) -> dict:
             obj = enc.parse(raw)
             texts = enc.texts(obj)
             if why := lone_surrogate(raw, texts):
-                raise _Bad(why)
-            answer = _answer(obj) if enc.kind.layout == "prompts" else None
-        except _Bad as e:
+                raise BadLine(why)
+            answer = enc.layout.answer(obj)
+        except BadLine as e:
             out.bad += 1
             if not settings["skip_bad"]:
                 out.error = (lineno, str(e))
@@ -315,42 +246,23 @@ def encode_block(args) -> dict:
     docs = enc.encode(pieces) if pieces else []
     k = 0
     for n, answer in owners:
-        out.add_line(enc, docs[k:k + n], answer)
+        enc.layout.add(out, enc, docs[k:k + n], answer)
         k += n
     return out.finish(enc)
 
 
 class _Block:
-    """What a worker hands back for one block: token/weight arrays, per-document lengths, counts."""
+    """What a worker hands back for one block: token/weight arrays, per-document lengths, counts. The data's
+    layout adds each line's documents (`Layout.add`)."""
 
     def __init__(self):
         self.tokens, self.codes, self.lengths, self.prompt_lens, self.answers = [], [], [], [], []
         self.lines = self.bad = self.no_assistant = self.truncated = self.too_long = 0
         self.error = None
 
-    def add_line(self, enc: _Encoder, docs, answer) -> None:
-        if enc.kind.layout == "text":
-            ids = docs[0].ids
-            room = enc.max_seq_len - 1 - (enc.start is not None)
-            if len(ids) > room:
-                ids, self.truncated = ids[:room], self.truncated + 1
-            self._doc(([enc.start] if enc.start is not None else []) + ids + [enc.eos], None, 0)
-        elif enc.kind.layout == "prompts":
-            ids = docs[0].ids
-            if len(ids) > enc.max_seq_len:
-                self.too_long += 1
-                return
-            self._doc(ids, None, len(ids))
-            self.answers.append(answer)
-        else:
-            chats = [self._chat(enc, d) for d in docs]
-            if any(c is None for c in chats):
-                self.no_assistant += 1
-                return
-            for ids, codes in chats:
-                self._doc(ids, codes, len(codes) - len(codes.lstrip(b"\x00")))  # tokens before the first weighted
-
-    def _chat(self, enc: _Encoder, doc):
+    def chat(self, enc: _Encoder, doc):
+        """A conversation's ids and weight codes, cut when longer than max_seq_len (`_cut`); None when no
+        token of it carries loss."""
         ids, codes = doc.ids, enc.weights(doc)
         if len(ids) > enc.max_seq_len:
             n = _cut(codes, ids, enc.im_end, enc.max_seq_len)
@@ -358,7 +270,7 @@ class _Block:
             self.truncated += 1
         return (ids, codes) if codes.count(0) < len(codes) else None
 
-    def _doc(self, ids, codes, prompt_len: int) -> None:
+    def doc(self, ids, codes, prompt_len: int) -> None:
         self.tokens.append(ids)
         self.lengths.append(len(ids))
         self.prompt_lens.append(prompt_len)
@@ -395,14 +307,9 @@ class _Writer:
     """Appends worker results, in input order, to the files of a prepared directory being built."""
 
     def __init__(self, tmp: Path, stage: str):
-        self.stage, self.tmp, self.kind = stage, tmp, DATA[stage]
-        layout = self.kind.layout
+        self.stage, self.tmp = stage, tmp
         self.files = {"tokens": open(tmp / "tokens.bin", "wb"), "offsets": open(tmp / "offsets.bin", "wb"),
-                      "prompt_lens": open(tmp / "prompt_lens.bin", "wb")}
-        if layout in ("chat", "pairs"):  # loss weights per token
-            self.files["weights"] = open(tmp / "weights.bin", "wb")
-        if layout == "prompts":
-            self.answers = open(tmp / "answers.jsonl", "w", encoding="utf-8")
+                      "prompt_lens": open(tmp / "prompt_lens.bin", "wb"), **layout_of(stage).files(tmp)}
         self.num_tokens = self.num_docs = self.num_weighted = 0
         self.counts = dict.fromkeys(COUNTS, 0)
         self.encoders = set()
@@ -416,8 +323,8 @@ class _Writer:
         if "weights" in self.files:
             self.files["weights"].write(res["codes"].tobytes())
             self.num_weighted += int(np.count_nonzero(res["codes"]))
-        for answer in res["answers"]:
-            self.answers.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        for answer in res["answers"]:  # prompts (answers.jsonl)
+            self.files["answers"].write(json.dumps(answer, ensure_ascii=False) + "\n")
         self.num_tokens += len(res["tokens"])
         self.num_docs += len(res["lengths"])
         for k, v in res["counts"].items():
@@ -427,8 +334,6 @@ class _Writer:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-        if self.kind.layout == "prompts":
-            self.answers.close()
 
 
 def _run_blocks(path: Path, settings: dict, workers: int, writer: _Writer, bar) -> None:

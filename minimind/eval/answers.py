@@ -19,7 +19,7 @@ import unicodedata
 from collections import defaultdict
 
 from minimind.checkpoint import CheckpointError
-from minimind.data.prepare import ROLES
+from minimind.data.layouts import ROLES
 from minimind.data.tokenizer import TokenizerError
 from minimind.eval import EvalDataError, check_data_file, check_report, check_report_path, pick_device, write_report
 from minimind.outputs import OutputError
