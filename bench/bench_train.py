@@ -191,7 +191,7 @@ def test_matmul_floor(benchmark, smoke, library):
                                     tokens_per_s=round(b * t / mean, 1), threads=torch.get_num_threads())
 
 
-@pytest.mark.parametrize("rows", [4, 8])
+@pytest.mark.parametrize("rows", [4, 8, 12])  # 12: the CPU default
 def test_muon_vs_adamw_interleaved(prepared, tmp_path, smoke, rows):
     """The default pretrain step (Muon on the block matrices) against the same step with AdamW, in
     float32 and in bf16 autocast (Muon's iteration in the run's precision), at `rows` x 256: one

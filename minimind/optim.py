@@ -3,7 +3,7 @@ with AdamW for everything else (embeddings, the tied head, norms, the MoE router
 modded-nanogpt speedrun.
 
 Muon (Keller Jordan, 2024; "Muon is Scalable for LLM Training", Moonshot 2025) takes SGD momentum
-(Nesterov) and replaces each matrix's update by the nearest semi-orthogonal matrix, found by five
+(Nesterov) and replaces each matrix's update by the nearest semi-orthogonal matrix, found by four
 steps of a quintic Newton-Schulz iteration: every direction of the update moves the weights by about
 the same amount. The update is rescaled by 0.2 * sqrt(max(rows, cols)) so its RMS matches AdamW's,
 which lets it reuse AdamW's learning rate and weight decay (Moonshot's rule).
@@ -46,38 +46,49 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.ndim >= 2 and ".layers." in f".{name}" and "norm" not in name and not name.endswith("mlp.gate.weight")
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None):
+def newton_schulz(g: torch.Tensor, steps: int = 4, eps: float = 1e-7, dtype: torch.dtype | None = None):
     """An approximately semi-orthogonal matrix with g's singular vectors: U V^T for g = U S V^T, its
-    singular values brought into about [0.7, 1.2] rather than exactly 1 (enough for the update, in 5
-    steps). g: (..., m, n), batched over the leading dims. Computed in `dtype` (default g's).
+    singular values brought into about [0.7, 1.2] rather than exactly 1 (enough for the update). g:
+    (..., m, n), batched over the leading dims. Computed in `dtype` (default g's).
 
-    Each step is x <- p(x x^T) x with p(G) = a + b G + c G^2. In float32 or float64, when the matrix
-    is wide enough (m < ~2n/3), the steps run on the m x m Gram matrix instead (`_gram_steps`): the
-    same polynomial, fewer products (`small`'s 512 x 1408 MLP matrices: 1.3x cheaper). In bf16 that
-    form loses its accuracy (errors in G compound), so bf16 always iterates on x."""
+    Each step is x <- p(x x^T) x with p(G) = a + b G + c G^2, which lifts a small singular value s to
+    ~3.4 s; so the fewer steps, the larger the smallest values must start. x is scaled by a bound on its
+    largest singular value: ||x||_2^2 = ||G||_2 <= G's largest absolute row sum (G = x x^T; Gershgorin),
+    much tighter than the usual Frobenius norm (the trace of G) for a momentum whose energy is spread
+    over many directions, and free (the first step needs G anyway). From it, 4 steps reach the spread
+    that 5 reached from the Frobenius norm (BENCHMARKS.md, issue 27). A scalar, so the singular vectors
+    are kept exactly.
+
+    In float32 or float64, when the matrix is wide enough (m < ~2n/3), the steps run on the m x m Gram
+    matrix instead (`_gram_steps`): the same polynomial, fewer products (`small`'s 512 x 1408 MLP
+    matrices: 1.3x cheaper). In bf16 that form loses its accuracy (errors in G compound), so bf16 always
+    iterates on x."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype or g.dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide side: the Gram matrix is the smaller one
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # first to <= 1, so bf16's products stay in range
+    gram = x @ x.mT
+    bound = gram.abs().sum(-1).amax(-1)[..., None, None] + eps  # >= ||x||_2^2
+    x, gram = x / bound.sqrt(), gram / bound
     m, n = x.shape[-2:]
-    gram_cheaper = 4 * m * m * n + 8 * steps * m**3 < steps * (4 * m * m * n + 2 * m**3)
+    gram_cheaper = 8 * steps * m**3 + 2 * m * m * n < steps * (4 * m * m * n + 2 * m**3) - 2 * m * m * n
     if x.dtype in (torch.float32, torch.float64) and gram_cheaper:
-        x = _gram_steps(x, steps)
+        x = _gram_steps(x, gram, steps)
     else:
-        for _ in range(steps):
-            gram = x @ x.mT
+        for i in range(steps):
+            if i:
+                gram = x @ x.mT
             x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(g.dtype)
 
 
-def _gram_steps(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` Newton-Schulz steps on x (m x n, m <= n) through G = x x^T: each step's polynomial P
-    is one of G, so x_k = Q x with Q = P_k ... P_1, and the next Gram matrix is P G P. Costs
-    4 m^2 n + ~8 m^3 per step instead of steps * (4 m^2 n + 2 m^3)."""
+def _gram_steps(x: torch.Tensor, gram: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` Newton-Schulz steps on x (m x n, m <= n) through its Gram matrix G = x x^T: each step's
+    polynomial P is one of G, so x_k = Q x with Q = P_k ... P_1, and the next Gram matrix is P G P.
+    With G given, costs ~8 m^3 per step and 2 m^2 n at the end, instead of steps * (4 m^2 n + 2 m^3)."""
     a, b, c = NS_COEFFICIENTS
-    gram = x @ x.mT
     eye = torch.eye(gram.shape[-1], dtype=x.dtype, device=x.device)
     q = None
     for i in range(steps):
@@ -92,7 +103,7 @@ class Muon(torch.optim.Optimizer):
     """Muon on matrices (2-D) and stacks of matrices (3-D: each (out, in) slice on its own)."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+                 nesterov: bool = True, ns_steps: int = 4, ns_dtype: torch.dtype | None = None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
         for group in self.param_groups:
