@@ -206,13 +206,18 @@ class Engine:
 
     def _prefill(self, reqs: list[Request], start: int) -> torch.Tensor:
         """Prompts into rows start..start+m-1, right-padded -> last-prompt-token logits (m, V); the prompt
-        logprobs of those that asked (scoring)."""
+        logprobs of those that asked (scoring) and the embeddings of those that asked (`params.embed`)."""
         device = self.runner.cache.k.device
         t = max(len(r.prompt) for r in reqs)
         ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in reqs], device=device)  # (B, T)
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=device)
         has_zero = torch.tensor([0 in r.prompt for r in reqs], device=device)
         logits, hidden = self.runner.prefill(ids, last, has_zero, start)
+        embed = [i for i, r in enumerate(reqs) if r.params.embed]
+        if embed:  # embeddings: the pooled prompt, one copy to the host for all of them
+            vectors = self.runner.embed(hidden[embed], [len(reqs[i].prompt) for i in embed]).cpu()
+            for i, v in zip(embed, vectors):
+                reqs[i].embedding = v.tolist()
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
                 r.prompt_logprobs = self.runner.prompt_logprobs(hidden[i, : len(r.prompt)], r.prompt,

@@ -14,6 +14,7 @@ MAX_N = 16
 MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_SEQUENCES = 64  # prompts x n: the sequences one completions request may start
+MAX_INPUTS = 64  # inputs in one embeddings request (OpenAI takes 2048; the engine's queue holds 256)
 
 
 class _Request(BaseModel):
@@ -142,6 +143,23 @@ class CompletionRequest(_Request):
         if isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: `input` a string, a list of strings, a list of token ids or a list of those
+    (OpenAI's four forms); one vector per input."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: StrictStr
+    input: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_INPUTS)] | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        if isinstance(self.input, str) or isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
 
 
 _Request.model_rebuild()

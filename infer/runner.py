@@ -93,6 +93,19 @@ class ModelRunner:
         seen.scatter_(1, torch.zeros_like(last).unsqueeze(1), has_zero.unsqueeze(1))  # undo the padding id
         return logits, hidden
 
+    def embed(self, hidden, lengths: list[int]) -> torch.Tensor:
+        """Prompts' final hidden states (B, T, D), right-padded, their `lengths` -> one unit vector each
+        (B, D), float32: the mean over positions weighted by position (1, 2, ..., n), as SGPT does for
+        decoder-only models (Muennighoff, 2022). A causal model's position t has read only tokens
+        0..t, so later positions know more of the text; a plain mean gives the first tokens, which know
+        little, as much say, and the last position alone is shaped for predicting the next token."""
+        b, t, _ = hidden.shape
+        n = torch.tensor(lengths, device=hidden.device).unsqueeze(1)  # (B, 1)
+        pos = torch.arange(1, t + 1, device=hidden.device).unsqueeze(0)  # (1, T)
+        weights = torch.where(pos <= n, pos, 0).float()  # padding gets no weight
+        pooled = (weights.unsqueeze(-1) * hidden.float()).sum(1)  # (B, D)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
     def prompt_logprobs(self, hidden, prompt: list[int], k: int) -> list:
         """Scoring (echo + logprobs), read back to the host: from a prompt's hidden states (T, D), the
         logprob of each prompt token given the ones before it, and the `k` most likely; the first is None."""

@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False  # only `stop_token_ids` end the sequence (benchmarks)
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the k most likely
     prompt_logprobs: int | None = None  # the same for each prompt token (echo=True scoring)
+    embed: bool = False  # the prompt's pooled final hidden state (POST /v1/embeddings; max_new_tokens 0)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -51,6 +52,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, top),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, top),
+            ("embed", not self.embed or self.max_new_tokens == 0, "False when max_new_tokens is not 0"),
         ]
         for name, ok, want in checks:
             if not ok:

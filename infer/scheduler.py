@@ -41,6 +41,7 @@ class Completion:
     prompt_token_ids: list[int]
     logprobs: list[tuple[float, dict[int, float]]] | None = None  # per generated token
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None  # first is None
+    embedding: list[float] | None = None  # params.embed: the prompt's unit vector
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Request:
     sent_tokens: int = 0
     logprobs: list | None = None
     prompt_logprobs: list | None = None
+    embedding: list[float] | None = None  # params.embed: the unit vector `ModelRunner.embed` pools
     finish_reason: str | None = None
     error: Exception | None = None  # why a step failed this request (finish_reason "error")
     group: object = None  # the sequences of one client request share it: fair admission (`Scheduler.admit`)
@@ -69,6 +71,7 @@ class Request:
         return Completion(
             token_ids=list(self.output), text=self.text, finish_reason=self.finish_reason,
             prompt_token_ids=list(self.prompt), logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+            embedding=self.embedding,
         )
 
 

@@ -14,12 +14,14 @@ period, then end with finish_reason "length" and `[DONE]` (or a 503 error when n
 """
 
 import asyncio
+import base64
 import gc
 import hmac
 import json
 import logging
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -44,7 +46,8 @@ from infer.connections import (
     uvicorn_config,
 )
 from infer.engine import ContextLengthError, Delta, Engine
-from infer.protocol import ChatRequest, CompletionRequest
+from infer.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from infer.sampling import SamplingParams
 from infer.think import ThinkSplitter, split_reasoning
 from infer.tokens import token_table
 from infer.tuning import engine_threads, usable_cores
@@ -165,7 +168,7 @@ async def _body_of(request: Request, max_body_bytes: int) -> bytes:
 
 def _add_routes(app: FastAPI, engine: Engine, loop_engine: AsyncEngine, handlers: "_Handlers",
                 max_body_bytes: int) -> None:
-    """The endpoints: /health, /v1/models[/NAME], /v1/chat/completions, /v1/completions."""
+    """The endpoints: /health, /v1/models[/NAME], /v1/chat/completions, /v1/completions, /v1/embeddings."""
 
     @app.get("/health")
     async def health():
@@ -190,6 +193,10 @@ def _add_routes(app: FastAPI, engine: Engine, loop_engine: AsyncEngine, handlers
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await handlers.completions(_parse(CompletionRequest, await _body_of(request, max_body_bytes)), request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await handlers.embeddings(_parse(EmbeddingRequest, await _body_of(request, max_body_bytes)), request)
 
 
 class _KeyCheck:
@@ -367,6 +374,32 @@ class _Handlers:
         return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
                 "choices": choices, "usage": _usage(sum(map(len, prompts)), outs)}
 
+    # ---- embeddings ----
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request):
+        """One unit vector per input, pooled from the model's final hidden states by the engine's prefill
+        (`ModelRunner.embed`), batched with the chat traffic."""
+        self.check_model(req.model)
+        width = self.engine.model.config.hidden_size
+        if req.dimensions is not None and req.dimensions != width:
+            raise APIError(400, f"dimensions: this model's embeddings have {width}, not {req.dimensions}",
+                           param="dimensions", code="invalid_value")
+        texts = [x for x in req.inputs() if isinstance(x, str)]
+        self._check_prompt_size(max(map(len, texts), default=0), param="input")
+        encoded = iter(await asyncio.to_thread(lambda: [self.engine.tokenizer.encode(t) for t in texts]))
+        inputs = [x if isinstance(x, list) else next(encoded) for x in req.inputs()]
+        for i, ids in enumerate(inputs):
+            if not ids:
+                raise APIError(400, f"input[{i}] is empty: there is nothing to embed", param="input",
+                               code="invalid_value")
+        job = self._submit([(ids, [SamplingParams(max_new_tokens=0, embed=True)]) for ids in inputs], "embed", False)
+        await _collect(job, self.loop, request)
+        tokens = sum(map(len, inputs))
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(r.embedding, req.encoding_format)}
+                for i, r in enumerate(job.requests)]
+        return {"object": "list", "data": data, "model": self.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     def _completion_logprobs(self, echo_prompt, request, tokens, lps):
         """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset; echoed prompt first. A token
         (in `tokens` and as a `top_logprobs` key) is `_token_str`'s: each id its own key, so a dict holds
@@ -423,6 +456,13 @@ def _layout(engine: Engine, threads: int) -> str:
 
 def _reason(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
+
+
+def _encode_vector(vector: list[float], encoding_format: str):
+    """OpenAI's two encodings: a list of floats, or base64 of little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
 
 
 def _usage(prompt_tokens: int, outs) -> dict:
