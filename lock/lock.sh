@@ -19,7 +19,7 @@ done
 compile() {  # compile OUTPUT [extra uv args]: the header names the command that regenerates it
     o=$1
     shift
-    (cd "$root" && "$uv" pip compile pyproject.toml --extra dev --constraints lock/torch.txt --universal \
+    (cd "$root" && "$uv" pip compile pyproject.toml --extra dev --extra runtimes --constraints lock/torch.txt --universal \
         --python-version 3.10 --no-python-downloads --quiet --annotation-style line \
         --custom-compile-command "make lock  (lock/lock.sh; make upgrade re-resolves to the newest)" \
         --output-file "$o" "$@")

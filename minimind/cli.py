@@ -367,10 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=3, metavar="K", help="example replies shown per family")
     _eval_arguments(q)
 
-    p = sub.add_parser("export", help="export to a stock transformers directory")
+    p = sub.add_parser("export", help="export to a stock transformers directory, a GGUF file or an Ollama directory")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--format", choices=("hf",), default="hf")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="a directory (hf, ollama) or a NAME.gguf file (gguf)")
+    p.add_argument("--format", choices=("hf", "gguf", "ollama"), default="hf",
+                   help="hf: transformers (and vLLM); gguf: one file for llama.cpp; ollama: the GGUF and a Modelfile")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                   help="the weights' type in a GGUF file (norms stay f32)")
     p.add_argument("--lora-format", choices=("merged", "peft"), default="merged")
     p.add_argument("--force", action="store_true")
     _allow_nonfinite(p)

@@ -52,10 +52,20 @@ class ExportError(Exception):
 
 
 def run(args) -> int:
+    from minimind.interop.gguf_export import GGUFExportError, export_gguf, export_ollama
+
+    fmt = getattr(args, "format", "hf")
     try:
-        out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force,
-                        allow_nonfinite=args.allow_nonfinite)
-    except (CheckpointError, ExportError, OutputError) as e:
+        if fmt == "hf":
+            out = export_hf(args.ckpt, args.out, lora_format=args.lora_format, force=args.force,
+                            allow_nonfinite=args.allow_nonfinite)
+        else:
+            if args.lora_format != "merged":
+                raise ExportError(f"--lora-format {args.lora_format}: --format {fmt} exports LoRA runs merged")
+            export = export_gguf if fmt == "gguf" else export_ollama
+            out = export(args.ckpt, args.out, outtype=args.outtype, force=args.force,
+                         allow_nonfinite=args.allow_nonfinite)
+    except (CheckpointError, ExportError, GGUFExportError, OutputError) as e:
         print(f"minimind export: {e}", file=sys.stderr)
         return 2
     print(f"minimind export: wrote {out}")
