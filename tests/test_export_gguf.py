@@ -165,3 +165,97 @@ def test_the_cli_writes_gguf_and_an_ollama_directory(tokenizer_dir, tmp_path, ca
     want = ours(model, ids)
     got = theirs(tmp_path / "ollama" / "model.gguf", ids)
     assert np.abs(got - want).max() < TOLERANCE["f16"] * np.abs(want).max()
+
+
+def test_greedy_chat_generation_equals_our_engines(minimind2_tokenizer, tmp_path):
+    """32 greedy tokens after a chat prompt, f32: llama.cpp's and our engine's are the same tokens."""
+    from infer.engine import Engine
+    from infer.sampling import SamplingParams
+    from tests.test_server import wide_checkpoint  # its greedy output depends on the whole prompt
+
+    ckpt = wide_checkpoint(tmp_path / "run" / "step-1", minimind2_tokenizer)
+    out = export_gguf(ckpt, tmp_path / "m.gguf", outtype="f32")
+    engine = Engine.from_checkpoint(ckpt, max_batch=1, max_len=128)
+    prompt = engine.encode_chat([{"role": "user", "content": "What is 3 plus 4?"}])
+    ours_ids = engine.generate([prompt], SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True))[0]
+    llm = llama(out, n_ctx=128, logits_all=True, type_k=0, type_v=0)
+    llm.eval(prompt)
+    theirs_ids = []
+    for _ in range(32):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        theirs_ids.append(token)
+        llm.eval([token])
+    assert theirs_ids == ours_ids.token_ids
+    assert len(set(theirs_ids)) >= 8  # a reply, not one token repeated
+
+
+def render_ollama(template: str, system: str | None, messages: list[dict]) -> str:
+    """The Go text/template subset our Modelfile's TEMPLATE uses, with Ollama's semantics: `{{- ...}}`
+    trims the whitespace before it, `{{ if .System }}`, `{{ range .Messages }}` with `.Role`/`.Content`."""
+    import re
+
+    out, stack = [], []
+    tokens = re.split(r"({{-?\s*.*?\s*-?}})", template)
+    def emit(text):
+        if all(stack_entry[0] for stack_entry in stack):
+            out.append(text)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("{{"):
+            emit(tok)
+            i += 1
+            continue
+        if tok.startswith("{{-") and out:
+            out[-1] = out[-1].rstrip()
+        action = tok.strip("{}- ").strip()
+        if action == "if .System":
+            stack.append((bool(system), "if"))
+        elif action == "range .Messages":
+            body_start, depth, j = i + 1, 1, i + 1
+            while depth:
+                a = tokens[j].strip("{}- ").strip() if tokens[j].startswith("{{") else None
+                depth += a is not None and (a.startswith("if") or a.startswith("range"))
+                depth -= a == "end"
+                j += 1
+            body = "".join(tokens[body_start:j - 1])
+            for m in messages:
+                out.append(render_ollama(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]),
+                                         system, []))
+            i = j
+            continue
+        elif action == "end":
+            stack.pop()
+        elif action == ".System":
+            emit(system or "")
+        i += 1
+    return "".join(out)
+
+
+def test_the_ollama_template_renders_our_chat_format(minimind2_tokenizer, tmp_path):
+    import re
+
+    from minimind.interop.gguf_export import modelfile
+
+    text = modelfile(minimind2_tokenizer)
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    system = json.loads(re.search(r"^SYSTEM (.*)$", text, re.M).group(1))
+    tok = load_tokenizer(minimind2_tokenizer)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "3 plus 4?"}]
+    for sys_message in (None, "You are terse."):
+        messages = ([{"role": "system", "content": sys_message}] if sys_message else []) + turns
+        want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_ollama(template, sys_message or system, turns) == want
+
+
+def test_an_out_inside_the_checkpoint_or_a_bad_outtype_is_refused(tokenizer_dir, tmp_path):
+    from minimind.outputs import OutputError
+
+    ckpt = checkpoint(tmp_path, random_model("tiny"), tokenizer_dir)
+    before = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(OutputError):
+        export_gguf(ckpt, ckpt / "model.safetensors.gguf")
+    with pytest.raises((OutputError, GGUFExportError)):
+        export_gguf(ckpt.parent, ckpt.parent / "x.gguf", outtype="q4_0")
+    assert sorted(p.name for p in ckpt.iterdir()) == before

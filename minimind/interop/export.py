@@ -52,7 +52,7 @@ class ExportError(Exception):
 
 
 def run(args) -> int:
-    from minimind.interop.gguf_export import GGUFExportError, export_gguf, export_ollama
+    from minimind.interop.gguf_export import OLLAMA_GGUF, GGUFExportError, export_gguf, export_ollama, summary
 
     fmt = getattr(args, "format", "hf")
     try:
@@ -65,6 +65,8 @@ def run(args) -> int:
             export = export_gguf if fmt == "gguf" else export_ollama
             out = export(args.ckpt, args.out, outtype=args.outtype, force=args.force,
                          allow_nonfinite=args.allow_nonfinite)
+            out = summary(out if fmt == "gguf" else out / OLLAMA_GGUF, args.outtype) + (
+                "" if fmt == "gguf" else f"; Modelfile beside it: ollama create NAME -f {out / 'Modelfile'}")
     except (CheckpointError, ExportError, GGUFExportError, OutputError) as e:
         print(f"minimind export: {e}", file=sys.stderr)
         return 2

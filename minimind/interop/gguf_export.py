@@ -20,6 +20,8 @@ counterpart, and is refused by name rather than written as a file that tokenizes
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,12 +141,28 @@ def write_gguf(model: torch.nn.Module, tokenizer: Path, out: Path, outtype: str 
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=sys.stderr.isatty())  # a bar per tensor on a terminal
         writer.close()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def summary(out: Path, outtype: str) -> str:
+    """What an export wrote, for its last line: the file, its size and type, and, where llama-cpp-python
+    is installed, llama.cpp's own greedy speed on it (a quick check that it loads and runs)."""
+    line = f"{out} ({out.stat().st_size / 1e6:.1f} MB, {outtype})"
+    try:
+        import llama_cpp
+    except ImportError:
+        return line + "; install llama-cpp-python to check it here"
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    llm.eval(llm.tokenize(b"Hello", add_bos=False))
+    began, n = time.perf_counter(), 16
+    for _ in range(n):
+        llm.eval([llm.sample(top_k=1, temp=0.0)])
+    return line + f"; llama.cpp loads it and decodes {n / (time.perf_counter() - began):.0f} tokens/s here"
 
 
 def _write_config(writer, config: ModelConfig, outtype: str, name: str) -> None:
