@@ -30,6 +30,10 @@ case "$torch" in
     "$uv" pip install --quiet --python "$py" --no-deps $source "torch==$torch"
     ;;
 esac
+# llama-cpp-python (the runtimes extra: tests load our GGUF exports with it) compiles llama.cpp from its
+# source distribution, once (uv caches the wheel; ~6 CPU-minutes): the library only, not its tools,
+# server or multimodal parts
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
 # --compile-bytecode: pip compiles at install time, uv only when asked; without it every process
 # recompiles what it imports wherever PYTHONDONTWRITEBYTECODE is set (torch alone: ~5 s a process)
 "$uv" pip sync --quiet --compile-bytecode --python "$py" "$lock"
