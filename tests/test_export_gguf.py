@@ -167,13 +167,17 @@ def test_the_cli_writes_gguf_and_an_ollama_directory(tokenizer_dir, tmp_path, ca
     assert np.abs(got - want).max() < TOLERANCE["f16"] * np.abs(want).max()
 
 
-def test_greedy_chat_generation_equals_our_engines(minimind2_tokenizer, tmp_path):
-    """32 greedy tokens after a chat prompt, f32: llama.cpp's and our engine's are the same tokens."""
+@pytest.mark.parametrize("which", ["minimind2", "ours_padded"])
+def test_greedy_chat_generation_equals_our_engines(which, minimind2_tokenizer, tokenizer_dir, tmp_path):
+    """32 greedy tokens after a chat prompt, f32: llama.cpp's and our engine's are the same tokens. With
+    our synthetic tokenizer the model's 6,400 rows outnumber its tokens: the rest are written unused."""
     from infer.engine import Engine
     from infer.sampling import SamplingParams
     from tests.test_server import wide_checkpoint  # its greedy output depends on the whole prompt
 
-    ckpt = wide_checkpoint(tmp_path / "run" / "step-1", minimind2_tokenizer)
+    tokenizer = minimind2_tokenizer if which == "minimind2" else tokenizer_dir
+    assert which == "minimind2" or len(load_tokenizer(tokenizer)) < 6400
+    ckpt = wide_checkpoint(tmp_path / "run" / "step-1", tokenizer)
     out = export_gguf(ckpt, tmp_path / "m.gguf", outtype="f32")
     engine = Engine.from_checkpoint(ckpt, max_batch=1, max_len=128)
     prompt = engine.encode_chat([{"role": "user", "content": "What is 3 plus 4?"}])

@@ -135,9 +135,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Path, out: Path, outtype: str 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        _write_config(writer, config, outtype, name)
+        _write_config(writer, config, outtype, name, len(vocab.tokens))
         _write_tokenizer(writer, vocab)
-        for tensor_name, data, qtype in _tensors(model, arch, outtype):
+        for tensor_name, data, qtype in _tensors(model, arch, outtype, len(vocab.tokens)):
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -165,7 +165,7 @@ def summary(out: Path, outtype: str) -> str:
     return line + f"; llama.cpp loads it and decodes {n / (time.perf_counter() - began):.0f} tokens/s here"
 
 
-def _write_config(writer, config: ModelConfig, outtype: str, name: str) -> None:
+def _write_config(writer, config: ModelConfig, outtype: str, name: str, n_vocab: int) -> None:
     import gguf
 
     writer.add_name(name)
@@ -180,7 +180,7 @@ def _write_config(writer, config: ModelConfig, outtype: str, name: str) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(n_vocab)
     if config.rope_scaling is not None:  # YaRN (the only scaling ModelConfig takes)
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
@@ -216,7 +216,9 @@ def read_vocab(tokenizer: Path, vocab_size: int) -> Vocab:
     if max(by_id) >= vocab_size:
         raise GGUFExportError(f"{file}: token id {max(by_id)} does not fit the model's vocab_size {vocab_size}")
     tokens, types = [], []
-    for i in range(vocab_size):  # ids the tokenizer lacks (a vocab padded to a round size) are unused
+    # the model's rows past the tokenizer's last id (a vocab padded to a round size) are left out of the
+    # file: our engine never samples them, and llama.cpp would
+    for i in range(max(by_id) + 1):
         token = by_id.get(i)
         tokens.append(token if token is not None else f"[PAD{i}]")
         if token is None:
@@ -306,8 +308,9 @@ def pairs_adjacent(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, out // heads // 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-def _tensors(model: torch.nn.Module, arch: str, outtype: str):
-    """(llama.cpp name, numpy data, GGML type) for every tensor; tied heads are written once."""
+def _tensors(model: torch.nn.Module, arch: str, outtype: str, n_vocab: int):
+    """(llama.cpp name, numpy data, GGML type) for every tensor; tied heads are written once, and the
+    embedding and head keep their first `n_vocab` rows."""
     import gguf
 
     config: ModelConfig = model.config
@@ -315,6 +318,8 @@ def _tensors(model: torch.nn.Module, arch: str, outtype: str):
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, w in state.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = w[:n_vocab]
         if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
             w = pairs_adjacent(w, config.num_attention_heads)
         elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
