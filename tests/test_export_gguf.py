@@ -22,20 +22,22 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the lock'
 MIXED = "Hello, 世界! 我有1234567个苹果 and 42.50 apples 🍎🚀 — naïve café\n\n  tabs\tend 2026年12月8日"
 # f32: absolute (measured 2e-5). The others relative to the largest |logit| (~40 here): llama.cpp rounds
 # the weights (f16: 11 bits, bf16: 8, q8_0: 8 bits per block of 32) and also the activations it
-# multiplies them with (to f16, or to q8_0). Measured at most: f32 3.8e-4 absolute (small-shaped; tiny 2e-5),
-# f16 5.2e-3 (small-shaped, 8 layers; tiny 9e-4), bf16 8.2e-3, q8_0 2.7e-2 (tiny)
-TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 2e-2, "q8_0": 5e-2}
+# multiplies them with (to f16, or to q8_0). Measured at most: f32 9e-5 absolute, f16 8.5e-4, bf16 7.1e-3,
+# q8_0 2.4e-2 (BENCHMARKS.md, "GGUF export")
+TOLERANCE = {"f32": 1e-3, "f16": 2e-3, "bf16": 2e-2, "q8_0": 5e-2}
 
 
 def random_model(preset: str, *overrides: str, seed: int = 0) -> MiniMindForCausalLM:
     """Weights wide enough that the logits differ from position to position (the standard init gives
-    near-uniform ones, which would hide a wrong RoPE)."""
+    near-uniform ones, which would hide a wrong RoPE), with each product's gain a little under 1 (std
+    0.9/sqrt(fan-in)), as a trained model's are: a deeper net of gains above 1 amplifies the rounding of
+    the quantized formats layer by layer, which a trained model does not."""
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(ModelConfig.from_preset(preset, list(overrides), kernels="torch"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.normal_(0.0, 0.5 if "embed" in name else 0.08)
+                p.normal_(0.0, 0.5 if "embed" in name else 0.9 / p.shape[1] ** 0.5)
     return model.eval()
 
 
@@ -107,8 +109,6 @@ def test_a_cjk_splitting_tokenizer_is_refused_by_name(synth_dir, tmp_path):
 ])
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
 def test_llama_cpp_logits_equal_ours(preset, overrides, outtype, tokenizer_dir, tmp_path):
-    if preset == "small" and outtype in ("bf16", "q8_0"):
-        pytest.skip("small-shaped is checked in f32 and f16; the quantized types on tiny")
     tok = load_tokenizer(tokenizer_dir)
     model = random_model(preset, f"vocab_size={len(tok)}", *overrides)
     out = export_gguf(checkpoint(tmp_path, model, tokenizer_dir), tmp_path / "m.gguf", outtype=outtype)
