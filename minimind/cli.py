@@ -260,7 +260,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description="Train, serve and evaluate small language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_parsers, _train_parsers, _serve_parsers, _eval_parsers, _interop_parsers):
+        add(sub)
+    return show_defaults(parser)
 
+
+def _data_parsers(sub) -> None:
+    """synth, tokenizer, prepare."""
     p = sub.add_parser("synth", help="write the built-in synthetic corpus")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrain: a document's tokens: 'minimind' = <|im_start|> text <|im_end|> (MiniMind2's "
                         "layout), 'eos' = text <|endoftext|>")
 
+
+def _train_parsers(sub) -> None:
+    """train, info."""
     p = sub.add_parser("train", help="train a model (same as train.py)")
     add_train_arguments(p)
 
@@ -299,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", type=existing_path, metavar="CKPT")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
 
+
+def _serve_parsers(sub) -> None:
+    """chat, serve."""
     p = sub.add_parser("chat", help="interactive terminal chat")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--lora", type=existing_path, metavar="DIR")
@@ -333,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "than its cores: the event loop keeps one)")
     _engine_arguments(p)
 
+
+def _eval_parsers(sub) -> None:
+    """eval choice, ppl, lm-eval, answers."""
     p = sub.add_parser("eval", help="evaluate a model")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
     q = ev.add_parser("choice", help="multiple-choice accuracy (C-Eval CSV)")
@@ -367,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=3, metavar="K", help="example replies shown per family")
     _eval_arguments(q)
 
+
+def _interop_parsers(sub) -> None:
+    """export, import."""
     p = sub.add_parser("export", help="export to a stock transformers directory")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -385,7 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer files to put in the checkpoint (default: the hf directory's own)")
     p.add_argument("--out", type=Path, required=True, metavar="CKPT")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    return show_defaults(parser)
 
 
 def _handler(args):
