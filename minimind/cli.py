@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS, SCHEDULES
-from minimind.recipes import DATA_KINDS, STAGE_NAMES, STAGES
+from minimind.recipes import DATA_KINDS, STAGE_NAMES, STAGES, TAG_WEIGHT
 
 HANDLERS = {
     "synth": "minimind.data.synth:run",
@@ -291,7 +291,7 @@ def _data_parsers(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
     p.add_argument("--force", action="store_true",
                    help="replace prepared data already in --out (files prepare does not write stay)")
-    p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
+    p.add_argument("--tag-weight", type=float, default=TAG_WEIGHT, help="loss weight of <think>/<answer> tags (reason)")
     p.add_argument("--doc-format", choices=("minimind", "eos"), default="minimind",
                    help="pretrain: a document's tokens: 'minimind' = <|im_start|> text <|im_end|> (MiniMind2's "
                         "layout), 'eos' = text <|endoftext|>")
