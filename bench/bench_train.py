@@ -1,4 +1,4 @@
-"""Training-step throughput on CPU: the real loop's optimizer step (`Trainer._optimizer_step`) for the
+"""Training-step throughput on CPU: the real loop's optimizer step (`Trainer.train_step`) for the
 `small` preset, batch 4 x 256, against a stock transformers LlamaForCausalLM of the same shape trained
 the plain way (AdamW, `labels=` loss, padded SFT rows), side by side in one run.
 
@@ -31,23 +31,19 @@ def prepared(tmp_path_factory, smoke):
     }
 
 
-def _trainer(prepared, tmp_path, stage, *extra, smoke=False):
-    import argparse
-
-    from minimind.cli import add_train_arguments
+def _trainer(prepared, tmp_path, stage, smoke=False, **knobs):
+    """A Trainer of the real loop from a TrainConfig: the stage's defaults, these shapes, `knobs` on top."""
     from minimind.train import Trainer
+    from minimind.trainconfig import TrainConfig, resolve
 
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
     b, t = (2, 32) if smoke else (B, T)
-    args = ["--stage", stage, "--data", str(prepared[stage if stage == "pretrain" else "sft"]),
-            "--out", str(tmp_path / "run"), "--batch-size", str(b), "--seq-len", str(t), "--device", "cpu",
-            "--max-steps", "1000000", "--kernels", "torch", *extra]
+    fields = dict(stage=stage, data=str(prepared[stage if stage == "pretrain" else "sft"]), out=str(tmp_path / "run"),
+                  batch_size=b, seq_len=t, device="cpu", max_steps=1000000, kernels="torch")
     if stage == "pretrain":
-        args += ["--model", "tiny" if smoke else "small"]
+        fields["model"] = "tiny" if smoke else "small"
     else:
-        args += ["--init", str(_init_ckpt(prepared, smoke))]
-    return Trainer(p.parse_args(args))
+        fields["init"] = str(_init_ckpt(prepared, smoke))
+    return Trainer(resolve(TrainConfig(**{**fields, **knobs})))
 
 
 def _init_ckpt(prepared, smoke):
@@ -64,31 +60,30 @@ def _init_ckpt(prepared, smoke):
 
 
 PROVIDERS = {
-    "pretrain-eager-fp32": ("pretrain", ["--dtype", "float32"]),  # pinned: --dtype auto may pick bf16
-    "pretrain-compile-fp32": ("pretrain", ["--compile", "--dtype", "float32"]),
-    "pretrain-bf16-autocast": ("pretrain", ["--dtype", "bfloat16"]),
-    "sft-packed-fp32": ("sft", ["--dtype", "float32"]),
-    "sft-padded-fp32": ("sft", ["--no-packing", "--dtype", "float32"]),
+    "pretrain-eager-fp32": ("pretrain", {"dtype": "float32"}),  # pinned: --dtype auto may pick bf16
+    "pretrain-compile-fp32": ("pretrain", {"compile": True, "dtype": "float32"}),
+    "pretrain-bf16-autocast": ("pretrain", {"dtype": "bfloat16"}),
+    "sft-packed-fp32": ("sft", {"dtype": "float32"}),
+    "sft-padded-fp32": ("sft", {"no_packing": True, "dtype": "float32"}),
 }
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_minimind_step(benchmark, provider, prepared, tmp_path, smoke):
     stage, extra = PROVIDERS[provider]
-    if smoke and "--compile" in extra:
+    if smoke and extra.get("compile"):
         pytest.skip("smoke mode: torch.compile takes a minute on 2 cores; the full run measures it")
-    trainer = _trainer(prepared, tmp_path, stage, *extra, smoke=smoke)
+    trainer = _trainer(prepared, tmp_path, stage, smoke=smoke, **extra)
     stats = {"tokens": 0, "useful": 0}
 
     def step():
-        trainer._optimizer_step()
-        stats["tokens"] += trainer._tokens  # this step's counts: the trainer sums them until a log line
-        stats["useful"] += trainer._useful
-        trainer._tokens = trainer._useful = 0
+        done = trainer.train_step()
+        stats["tokens"] += done.tokens  # this rank's counts of the step, from the batches' host copies
+        stats["useful"] += done.useful
 
     step()  # warm-up (and compilation) outside the timing
     stats.update(tokens=0, useful=0)
-    slow = "bfloat16" in extra and not torch.cuda.is_available()  # ~1 min a step on an AVX2 CPU: 2 rounds say it
+    slow = extra["dtype"] == "bfloat16" and not torch.cuda.is_available()  # ~1 min a step on AVX2: 2 rounds say it
     benchmark.pedantic(step, rounds=2 if smoke or slow else 6, iterations=1, warmup_rounds=0 if smoke or slow else 1)
     _record(benchmark, stats, smoke or slow)
 
@@ -202,14 +197,14 @@ def test_muon_vs_adamw_interleaved(prepared, tmp_path, smoke, rows):
     configs = {f"{optim} {dtype}": (optim, dtype) for dtype in ("float32", "bfloat16") for optim in ("muon", "adamw")}
     if smoke:
         configs = dict(list(configs.items())[:2])
-    trainers = {name: _trainer(prepared, tmp_path / name.replace(" ", "-"), "pretrain", "--optim", optim,
-                               "--dtype", dtype, "--batch-size", str(2 if smoke else rows), smoke=smoke)
+    trainers = {name: _trainer(prepared, tmp_path / name.replace(" ", "-"), "pretrain", optim=optim, dtype=dtype,
+                               batch_size=2 if smoke else rows, smoke=smoke)
                 for name, (optim, dtype) in configs.items()}
     times = {name: [] for name in trainers}
     for round_ in range(2 if smoke else 6):
         for name, trainer in trainers.items():
             t = time.perf_counter()
-            trainer._optimizer_step()
+            trainer.train_step()
             if round_:  # the first round warms up
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -274,9 +269,9 @@ def test_vs_minimind2_interleaved(prepared, tmp_path, smoke):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ours = {name: _trainer(prepared, tmp_path / name, "pretrain", "--dtype", "float32", *flags, smoke=smoke)
-            for name, flags in (("ours adamw", ["--optim", "adamw"]), ("ours default", []))}
-    steps = {"minimind2": minimind2_step, **{name: tr._optimizer_step for name, tr in ours.items()}}
+    ours = {name: _trainer(prepared, tmp_path / name, "pretrain", dtype="float32", smoke=smoke, **knobs)
+            for name, knobs in (("ours adamw", {"optim": "adamw"}), ("ours default", {}))}
+    steps = {"minimind2": minimind2_step, **{name: tr.train_step for name, tr in ours.items()}}
     times = {name: [] for name in steps}
     for round_ in range(2 if smoke else 11):  # 10 timed: whole periods of Muon's block-periodic steps
         for name, step in steps.items():

@@ -30,6 +30,7 @@ def our_frame(tb) -> str:
 def check(argv: list[str], warmup: int, steps: int) -> tuple[bool, str]:
     from minimind.cli import add_train_arguments
     from minimind.train import Trainer
+    from minimind.trainconfig import resolve
 
     parser = argparse.ArgumentParser(prog="train.py")
     add_train_arguments(parser)
@@ -38,7 +39,7 @@ def check(argv: list[str], warmup: int, steps: int) -> tuple[bool, str]:
     name = args.stage + (f" ({' '.join(argv[argv.index('--set'):argv.index('--set') + 2])})" if "--set" in argv
                          else "") + (f" {args.dtype}" if args.dtype else "") + (f" --optim {args.optim}"
                                                                                if args.optim else "")
-    trainer = Trainer(args)
+    trainer = Trainer(resolve(args))
     cuda = trainer.device.type == "cuda"
     try:
         for i in range(warmup + steps):
@@ -46,8 +47,7 @@ def check(argv: list[str], warmup: int, steps: int) -> tuple[bool, str]:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                step = trainer._optimizer_step()
-                trainer._watch_finite(step)
+                trainer.train_step()
             except RuntimeError as e:
                 if "synchroniz" not in str(e):
                     raise
@@ -56,7 +56,7 @@ def check(argv: list[str], warmup: int, steps: int) -> tuple[bool, str]:
                 if cuda:
                     torch.cuda.set_sync_debug_mode(0)
             trainer.step += 1
-        trainer._check_finite_so_far()
+        trainer.check_finite()
     finally:
         trainer.close()
     if not cuda:

@@ -140,7 +140,7 @@ def run(args) -> int:
     try:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=args.device, max_batch=1,
                                         max_len=args.max_len, compile=args.compile,
-                                        dtype=getattr(args, "dtype", "auto"),
+                                        dtype=args.dtype,
                                         allow_nonfinite=getattr(args, "allow_nonfinite", False))
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

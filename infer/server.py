@@ -538,7 +538,7 @@ def run(args) -> int:
         engine = Engine.from_checkpoint(args.ckpt, lora=args.lora, device=getattr(args, "device", "cpu"),
                                         max_batch=max_batch, max_group_rows=min(rows, max_batch),
                                         max_len=getattr(args, "max_len", None),
-                                        compile=getattr(args, "compile", False), dtype=getattr(args, "dtype", "auto"),
+                                        compile=getattr(args, "compile", False), dtype=args.dtype,
                                         allow_nonfinite=getattr(args, "allow_nonfinite", False))
     except (CheckpointError, OSError, ValueError) as e:
         sock.close()

@@ -6,4 +6,4 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "muon")  # minimind.optim.build_optimizer
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
-SCHEDULES = ("auto", "cosine", "wsd")  # minimind.train.lr_at
+SCHEDULES = ("auto", "cosine", "wsd")  # minimind.schedule.lr_at

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from minimind.choices import COMPILE_MODES, DEVICES, DTYPES, KERNELS, OPTIMIZERS, SCHEDULES
-from minimind.recipes import DATA_KINDS, STAGE_NAMES, STAGES
+from minimind.recipes import DATA_KINDS, STAGE_NAMES, STAGES, TAG_WEIGHT
 
 HANDLERS = {
     "synth": "minimind.data.synth:run",
@@ -260,7 +260,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description="Train, serve and evaluate small language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_parsers, _train_parsers, _serve_parsers, _eval_parsers, _interop_parsers):
+        add(sub)
+    return show_defaults(parser)
 
+
+def _data_parsers(sub) -> None:
+    """synth, tokenizer, prepare."""
     p = sub.add_parser("synth", help="write the built-in synthetic corpus")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -285,11 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report how many")
     p.add_argument("--force", action="store_true",
                    help="replace prepared data already in --out (files prepare does not write stay)")
-    p.add_argument("--tag-weight", type=float, default=10.0, help="loss weight of <think>/<answer> tags (reason)")
+    p.add_argument("--tag-weight", type=float, default=TAG_WEIGHT, help="loss weight of <think>/<answer> tags (reason)")
     p.add_argument("--doc-format", choices=("minimind", "eos"), default="minimind",
                    help="pretrain: a document's tokens: 'minimind' = <|im_start|> text <|im_end|> (MiniMind2's "
                         "layout), 'eos' = text <|endoftext|>")
 
+
+def _train_parsers(sub) -> None:
+    """train, info."""
     p = sub.add_parser("train", help="train a model (same as train.py)")
     add_train_arguments(p)
 
@@ -299,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", type=existing_path, metavar="CKPT")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
 
+
+def _serve_parsers(sub) -> None:
+    """chat, serve."""
     p = sub.add_parser("chat", help="interactive terminal chat")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--lora", type=existing_path, metavar="DIR")
@@ -333,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "than its cores: the event loop keeps one)")
     _engine_arguments(p)
 
+
+def _eval_parsers(sub) -> None:
+    """eval choice, ppl, lm-eval, answers."""
     p = sub.add_parser("eval", help="evaluate a model")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
     q = ev.add_parser("choice", help="multiple-choice accuracy (C-Eval CSV)")
@@ -367,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=3, metavar="K", help="example replies shown per family")
     _eval_arguments(q)
 
+
+def _interop_parsers(sub) -> None:
+    """export, import."""
     p = sub.add_parser("export", help="export to a stock transformers directory, a GGUF file or an Ollama directory")
     p.add_argument("--ckpt", type=existing_path, required=True, metavar="CKPT")
     p.add_argument("--out", type=Path, required=True, metavar="PATH",
@@ -389,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer files to put in the checkpoint (default: the hf directory's own)")
     p.add_argument("--out", type=Path, required=True, metavar="CKPT")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    return show_defaults(parser)
 
 
 def _handler(args):

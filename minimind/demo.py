@@ -50,7 +50,7 @@ def _arithmetic_rlaif(rlaif: Path, out: Path) -> Path:
     return _write_jsonl(out, keep)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimind.demo")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--scale", type=float, default=0.5, help="synthetic corpus size")
@@ -63,18 +63,17 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--pretrain-wd", type=float, default=0.5,
                    help="pretraining's weight decay: 0.5 beat 0.1, 1 and 2 on held-out arithmetic and facts")
-    args = p.parse_args(argv)
-    out = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    t_all = time.perf_counter()
+    return p
 
+
+def _data(out: Path, scale: float) -> dict[str, Path]:
+    """Steps 1-3: the corpus, held-out prompts, tokenizer and prepared data, by name."""
     from minimind.data.prepare import prepare
     from minimind.data.synth import arithmetic_prompts, held_out_prompts, write_corpus
     from minimind.data.tokenizer import train_tokenizer
 
     t = _step("1/7 synthetic corpus (minimind synth) and held-out prompts")
-    files = write_corpus(out / "data", seed=0, scale=args.scale)
+    files = write_corpus(out / "data", seed=0, scale=scale)
     held_out = _write_jsonl(out / "eval" / "held_out.jsonl", held_out_prompts(seed=0))
     grpo_eval = _write_jsonl(out / "eval" / "held_out_arithmetic.jsonl", [
         {"family": "arithmetic", "conversations": [{"role": "user", "content": q}], "answer": a}
@@ -94,6 +93,19 @@ def main(argv=None) -> int:
     sft = prepare("sft", files["sft"], tok, out / "prepared" / "sft", max_seq_len=256)
     grpo = prepare("grpo", rlaif, tok, out / "prepared" / "grpo", max_seq_len=256)
     print(f"prepared in {time.perf_counter() - t:.1f}s")
+    return {"held_out": held_out, "grpo_eval": grpo_eval, "tokenizer": tok, "pretrain": pre, "sft": sft,
+            "grpo": grpo}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    out = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    t_all = time.perf_counter()
+    data = _data(out, args.scale)
+    held_out, grpo_eval, tok = data["held_out"], data["grpo_eval"], data["tokenizer"]
+    pre, sft, grpo = data["pretrain"], data["sft"], data["grpo"]
 
     # float32 pinned (not --dtype auto, which times bf16 at start): the demo's accuracies are then the same
     # on every machine, whether or not its CPU multiplies bf16 fast

@@ -120,15 +120,14 @@ def setup(cfg) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def wrap(trainer):
-    """DDP-wrap the model when running under torchrun (world size > 1)."""
-    d = trainer.dist
+def wrap(model, d: Dist):
+    """`model` DDP-wrapped when running under torchrun (world size > 1), else itself."""
     if not d.enabled:
-        return trainer.model
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [d.device.index] if d.device is not None else None
-    return DDP(trainer.model, device_ids=ids)
+    return DDP(model, device_ids=ids)
 
 
 def deepspeed_engine(model, optimizer, cfg, dtype: torch.dtype):

@@ -18,6 +18,7 @@ class DataKind:
     tag_weights: bool = False  # <think>/<answer> tags get their own loss weight (reason)
 
 
+TAG_WEIGHT = 10.0  # the loss weight of a tag_weights kind's <think>/<answer> tags (`minimind prepare --tag-weight`)
 DATA = {k.name: k for k in (
     DataKind("pretrain", "text"), DataKind("sft", "chat"), DataKind("lora", "chat"), DataKind("dpo", "pairs"),
     DataKind("distill", "chat"), DataKind("reason", "chat", tag_weights=True), DataKind("grpo", "prompts"),

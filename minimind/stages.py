@@ -336,7 +336,7 @@ def _distill(setup: Setup):
 
 
 def _grpo(setup: Setup):  # its reference scores the rollouts (grpo.Rollouts), the loss reads them
-    return objectives.GRPO(beta=setup.cfg.beta if setup.cfg.beta is not None else 0.04)
+    return objectives.GRPO(beta=setup.cfg.beta)  # resolve() filled it from the stage's record
 
 
 OBJECTIVES = {"causal_lm": _causal_lm, "reason": _reason, "dpo": _dpo, "distill": _distill, "grpo": _grpo}

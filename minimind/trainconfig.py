@@ -98,11 +98,12 @@ def default(name: str):
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def resolve(args) -> TrainConfig:
-    """argparse's namespace -> the run's config: stage defaults filled, combinations checked."""
-    stage = STAGES[args.stage]
-    given = {k: v for k, v in vars(args).items() if k in FIELDS}
-    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+def resolve(given) -> TrainConfig:
+    """argparse's namespace, or a TrainConfig with the knobs a caller sets (None: the default) -> the run's
+    config, a new TrainConfig: stage defaults filled, combinations checked."""
+    given = dataclasses.asdict(given) if isinstance(given, TrainConfig) else vars(given)
+    stage = STAGES[given["stage"]]
+    cfg = TrainConfig(**{k: v for k, v in given.items() if k in FIELDS and v is not None})
     if cfg.resume and cfg.out is None:
         raise UsageError("--resume needs --out (the run directory to continue)")
     if cfg.out is None:

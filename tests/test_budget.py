@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from minimind.train import lr_at
+from minimind.schedule import lr_at
 from tests.test_train import FAST, train_inproc
 
 LR, MIN_LR = 1e-3, 1e-5
@@ -63,7 +63,7 @@ def step_clock(monkeypatch):
     then buys the same steps on a quiet or a loaded machine (the real clock made this test fail when
     other work shared the cores)."""
     import minimind.model
-    import minimind.train
+    import minimind.schedule
 
     now = [0.0]
     forward = minimind.model.MiniMindForCausalLM.forward
@@ -73,7 +73,7 @@ def step_clock(monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(minimind.model.MiniMindForCausalLM, "forward", timed_forward)
-    monkeypatch.setattr(minimind.train, "clock", lambda: now[0])
+    monkeypatch.setattr(minimind.schedule, "clock", lambda: now[0])
     return now
 
 

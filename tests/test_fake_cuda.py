@@ -3,9 +3,9 @@ tensors that carry shapes, dtypes and devices but no data. Under it, mixing a CP
 one raises (the crash of the first GPU run, 2026-12-04: `loss_total` was created on the CPU) and so
 does any read of a value back to the host (`.item()`, `float()`, `bool()`: a sync on a real GPU).
 
-What runs here, per stage objective: the forward and loss of a micro-batch (`Trainer._micro_loss`),
-the step's sums (`_accumulate`), clipping and the fused AdamW step with hand-set gradients
-(`_update`), and the divergence watch (`_watch_finite`): a whole non-logging step but two parts.
+What runs here, per stage objective: the forward and loss of a micro-batch (`Backend.micro_loss`),
+the step's sums (`backend.accumulate`), clipping and the fused AdamW step with hand-set gradients
+(`Backend.update`), and the divergence watch (`FiniteWatch.watch`): a whole non-logging step but two parts.
 - `backward()`: autograd on fake CUDA tensors aborts the process on a CPU-only torch.
 - the batch transfer (`Setup.next_step` -> `batches.to_device`: pinned memory, non-blocking copies, a
   step ahead): `.pin_memory()` has no fake implementation and `.to("cuda")` needs CUDA even under fake
@@ -14,19 +14,19 @@ the step's sums (`_accumulate`), clipping and the fused AdamW step with hand-set
   `torch.cuda.set_sync_debug_mode("error")`.
 """
 
-import types
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from minimind import objectives
+from minimind.backend import Step, TorchBackend, accumulate
 from minimind.config import ModelConfig
 from minimind.data.loader import Batch, PairBatch
+from minimind.distributed import Dist
 from minimind.lora import apply_lora
 from minimind.model import MiniMindForCausalLM
 from minimind.optim import param_groups
-from minimind.train import Trainer
+from minimind.watch import FiniteWatch
 
 B, T = 2, 16
 
@@ -80,16 +80,13 @@ STAGES = {
 }
 
 
-def trainer_on(model, objective) -> types.SimpleNamespace:
-    """What the step's methods read from a Trainer, on the fake device."""
+def backend_on(model) -> TorchBackend:
+    """The plain PyTorch backend of a one-process run, on the fake device."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return types.SimpleNamespace(
-        model=model, raw_model=model, device=torch.device("cuda"), dtype=torch.float32, ds_engine=None,
-        setup=types.SimpleNamespace(objective=objective, trainable=trainable),
-        cfg=types.SimpleNamespace(grad_clip=1.0),
+    return TorchBackend(
+        model, device=torch.device("cuda"), dtype=torch.float32, dist=Dist(), trainable=trainable, grad_clip=1.0,
         scaler=torch.amp.GradScaler("cpu", enabled=False),  # fp16 only; it syncs by design (its inf check)
         optimizer=torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True),
-        bad_run=None, worst_run=None, last_step=None,
     )
 
 
@@ -102,21 +99,21 @@ def test_a_non_logging_step_runs_on_cuda_without_a_host_sync(stage):
             p.requires_grad_("lora_" in name)
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = fake_cuda(policy).train()
-        trainer = trainer_on(model, make_objective())
+        backend, objective, watch = backend_on(model), make_objective(), FiniteWatch()
         sums = None
         with torch.no_grad():  # stands in for forward + backward: autograd cannot run on fake CUDA here
             for _ in range(2):  # two micro-batches (--grad-accum 2)
-                loss, parts = Trainer._micro_loss(trainer, make_batch(), scale=0.5, n_micro=2)
-                sums = Trainer._accumulate(sums, parts, 2)
-        for p in trainer.setup.trainable:
+                loss, parts = backend.micro_loss(make_batch(), objective, scale=0.5, n_micro=2)
+                sums = accumulate(sums, parts, 2)
+        for p in backend.trainable:
             p.grad = torch.zeros_like(p)
-        grad_norm = Trainer._update(trainer)
-        step = {"_sums": sums, "_grad_norm": grad_norm, "_weight": 1.0}
-        Trainer._watch_finite(trainer, step)
-        Trainer._watch_finite(trainer, step)  # a second step: the run of non-finite steps goes on counting
+        grad_norm = backend.update()
+        step = Step(sums=sums, grad_norm=grad_norm, weight=1.0, tokens=B * T, useful=B * T)
+        watch.watch(step)
+        watch.watch(step)  # a second step: the run of non-finite steps goes on counting
         assert loss.device.type == "cuda" and grad_norm.device.type == "cuda"
         assert all(v.device.type == "cuda" for v in sums.values())
-        assert trainer.worst_run.device.type == "cuda" and trainer.bad_run.device.type == "cuda"
+        assert watch.worst_run.device.type == "cuda" and watch.bad_run.device.type == "cuda"
         # and the mode does see a read back: data-dependent, or a copy that needs a real device
         with pytest.raises((DataDependentOutputException, RuntimeError)):
             float(sums["loss"])

@@ -182,7 +182,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_behind(data,
         raise RuntimeError("CUDA out of memory (simulated)")
 
     with monkeypatch.context() as m:  # a failure in the first step, after run.json and metrics.jsonl exist
-        m.setattr(Trainer, "_optimizer_step", crash)
+        m.setattr(Trainer, "train_step", crash)
         with pytest.raises(RuntimeError, match="out of memory"):
             train(*args)
     assert not out.exists()

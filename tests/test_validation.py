@@ -216,16 +216,14 @@ def test_resume_from_a_nan_checkpoint_is_named(run, data, tmp_path):
 
 
 def test_the_last_good_checkpoint_named_after_divergence_is_finite(run, tmp_path):
-    from types import SimpleNamespace
-
-    from minimind.train import Trainer
+    from minimind.checkpointer import last_good
 
     out = copy(run, tmp_path / "run")
     nan_weights(out / "step-2" / "model.safetensors")
-    said = Trainer._last_good(SimpleNamespace(out=out))
+    said = last_good(out)
     assert said == f"The last good checkpoint is {out / 'step-1'}.", said
     nan_weights(out / "step-1" / "model.safetensors")
-    assert "No checkpoint" in Trainer._last_good(SimpleNamespace(out=out))
+    assert "No checkpoint" in last_good(out)
 
 
 # --------------------------------------------------------------------- tokenizer files

@@ -47,7 +47,7 @@ from minimind.data.tokenizer import (
 )
 from minimind.faults import die_with_parent, tree_bytes, writing
 from minimind.outputs import OutputError, carry_over, check_output
-from minimind.recipes import DATA, DATA_KINDS
+from minimind.recipes import DATA, DATA_KINDS, TAG_WEIGHT
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 1 << 18  # 256 KB: enough blocks for two workers to finish together on small files
@@ -383,7 +383,7 @@ def _take(res: dict, size: int, path: Path, writer: _Writer, bar) -> None:
 
 
 def prepare(stage: str, input: Path, tokenizer: Path, out: Path, max_seq_len: int = 512, workers: int = 2,
-            skip_bad: bool = False, tag_weight: float = 10.0, progress: bool = True, fast: bool = True,
+            skip_bad: bool = False, tag_weight: float = TAG_WEIGHT, progress: bool = True, fast: bool = True,
             doc_format: str = "minimind", force: bool = False) -> Path:
     """Tokenizes `input` (jsonl of `stage`'s format) once into the prepared directory `out`; returns `out`.
 
@@ -529,7 +529,7 @@ def run(args) -> int:
     """`minimind prepare --stage STAGE --input FILE --tokenizer DIR --out DIR [...]`."""
     try:
         out = prepare(args.stage, args.input, args.tokenizer, args.out, max_seq_len=args.max_seq_len,
-                      workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", 10.0),
+                      workers=args.workers, skip_bad=args.skip_bad, tag_weight=getattr(args, "tag_weight", TAG_WEIGHT),
                       doc_format=getattr(args, "doc_format", "minimind"), force=getattr(args, "force", False))
     except PrepareError as e:
         print(f"minimind prepare: {e}", file=sys.stderr)
