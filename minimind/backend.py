@@ -163,6 +163,13 @@ class Backend:
     def load_state_dict(self, state: dict) -> None:
         """`state`: a `state_dict()`'s, as read back (`Checkpointer.resume`); a None part starts fresh."""
         if state["optimizer"] is not None:
+            saved, ours = _group_counts(state["optimizer"]), _group_counts(self.optimizer.state_dict())
+            if saved != ours:
+                raise ValueError(
+                    f"--resume: the checkpoint's optimizer state has {saved} parameter groups where this run's "
+                    f"optimizer has {ours}: it was written by an older minimind (before 2026-12-08 the embeddings "
+                    "shared AdamW's groups; --embed-lr-scale gave them their own). Go on from its weights with a "
+                    "fresh optimizer (--init CKPT and a new --out), or resume it with the code that wrote it")
             self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -254,3 +261,10 @@ def make_backend(model, *, cfg, trainable, device, dtype, dist, log) -> Backend:
                     "(a minute or more on CPU)")
         backend.model = torch.compile(backend.model, mode=cfg.compile_mode)
     return backend
+
+
+def _group_counts(state: dict) -> list[int]:
+    """The parameter groups of an optimizer state: [n] for one optimizer, one per optimizer for several."""
+    if "param_groups" in state:
+        return [len(state["param_groups"])]
+    return [len(part["param_groups"]) for part in state.values()]

@@ -141,6 +141,15 @@ def test_a_muon_run_trains_resumes_and_refuses_the_other_optimizer(pretrain_data
     assert rc == 2 and "--optim muon" in err, err[-2000:]
     rc, err = train_inproc(*args, "--max-steps", 14, "--out", out, "--resume")
     assert rc == 0 and (out / "step-14").is_dir(), err[-2000:]
+    # a checkpoint from before the embeddings got their own AdamW group: refused by name, nothing lost
+    state_file = out / "step-14" / "trainer_state" / "optimizer.pt"
+    state = torch.load(state_file, weights_only=True)
+    groups = state["adamw"]["param_groups"]
+    groups[0]["params"] += groups.pop()["params"]
+    torch.save(state, state_file)
+    rc, err = train_inproc(*args, "--max-steps", 16, "--out", out, "--resume")
+    assert rc == 2 and "parameter groups" in err and "--init" in err, err[-2000:]
+    assert not (out / "step-16").exists()
 
 
 def test_the_schedules_lr_reaches_the_optimizers_after_a_resume():
