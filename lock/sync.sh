@@ -31,11 +31,18 @@ case "$torch" in
     ;;
 esac
 # llama-cpp-python (the runtimes extra: tests load our GGUF exports with it) compiles llama.cpp from its
-# source distribution, once (uv caches the wheel; ~6 CPU-minutes): the library only, not its tools,
-# server or multimodal parts
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
+# source distribution, once (uv caches the wheel, keyed by these settings; ~6 CPU-minutes): the library
+# only, for AVX2 rather than this CPU (-march=native on a CPU with AMX compiles ggml's AMX matmul, which
+# segfaults on q8_0 weights: llama.cpp issue #20824; and a portable build runs on every CI machine)
+llama_cpp=""
+for define in GGML_NATIVE=OFF GGML_AVX=ON GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON GGML_BMI2=ON GGML_AVX512=OFF \
+    GGML_AMX_TILE=OFF GGML_AMX_INT8=OFF GGML_AMX_BF16=OFF LLAVA_BUILD=OFF LLAMA_BUILD_TOOLS=OFF \
+    LLAMA_BUILD_EXAMPLES=OFF LLAMA_BUILD_TESTS=OFF LLAMA_BUILD_SERVER=OFF LLAMA_CURL=OFF; do
+    llama_cpp="$llama_cpp --config-settings-package llama-cpp-python:cmake.define.$define"
+done
 # --compile-bytecode: pip compiles at install time, uv only when asked; without it every process
 # recompiles what it imports wherever PYTHONDONTWRITEBYTECODE is set (torch alone: ~5 s a process)
-"$uv" pip sync --quiet --compile-bytecode --python "$py" "$lock"
+# shellcheck disable=SC2086
+"$uv" pip sync --quiet --compile-bytecode --python "$py" $llama_cpp "$lock"
 "$uv" pip install --quiet --python "$py" --no-deps --editable "$(dirname "$0")/.."
 echo "$venv: $(grep -cE '^[A-Za-z0-9]' "$lock") packages of $lock, torch $torch, minimind editable"
