@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+from tqdm import tqdm
 
 from infer.compiled import CompiledDecode
 from infer.graphs import GraphedDecode
@@ -226,20 +227,27 @@ class Engine:
 
     # ---- drivers ----
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Run all prompts to completion, batched; reads the model's current weights, restores its mode."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 progress: str | None = None) -> list[Completion]:
+        """Run all prompts to completion, batched; reads the model's current weights, restores its mode.
+        `progress`: a progress bar of finished prompts on stderr, with that label."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(total=len(prompts), desc=progress, unit="prompt", leave=False) if progress else None
         try:
             reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
             while any(r.finish_reason is None for r in reqs):
                 self.step()
+                if bar is not None:
+                    bar.update(sum(r.finish_reason is not None for r in reqs) - bar.n)
         finally:
             self.model.train(was_training)
+            if bar is not None:
+                bar.close()
         for r in reqs:
             if r.error is not None:
                 raise r.error

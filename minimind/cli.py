@@ -28,6 +28,7 @@ HANDLERS = {
     "eval ppl": "minimind.eval.ppl:run",
     "eval lm-eval": "minimind.eval.lm_eval:run",
     "eval answers": "minimind.eval.answers:run",
+    "report": "minimind.report:run",
     "export": "minimind.interop.export:run",
     "import": "minimind.interop.importer:run",
 }
@@ -244,13 +245,17 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     _allow_nonfinite(p)
 
 
-def _eval_arguments(p: argparse.ArgumentParser) -> None:
+def _eval_device(p: argparse.ArgumentParser) -> None:
     def device(value: str) -> str:  # checked as serve's is: `--device cuda` on a CPU machine is a usage error
         return value if value == "auto" else device_name(value)
 
-    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
                    help="auto (cuda when this machine has it, else cpu), cpu, cuda, cuda:N")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    _eval_device(p)
     p.add_argument("--dtype", choices=DTYPES, help="default: as saved (float32)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the JSON report here")
     p.add_argument("--force", action="store_true", help="replace an existing --report file (never an input)")
@@ -260,7 +265,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description="Train, serve and evaluate small language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_data_parsers, _train_parsers, _serve_parsers, _eval_parsers, _interop_parsers):
+    for add in (_data_parsers, _train_parsers, _serve_parsers, _eval_parsers, _report_parser, _interop_parsers):
         add(sub)
     return show_defaults(parser)
 
@@ -381,6 +386,20 @@ def _eval_parsers(sub) -> None:
     q.add_argument("--max-new-tokens", type=positive_int, default=64)
     q.add_argument("--samples", type=int, default=3, metavar="K", help="example replies shown per family")
     _eval_arguments(q)
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="a report card of runs, side by side (report.md, report.html, pictures)")
+    p.add_argument("runs", type=existing_path, nargs="+", metavar="RUN", help="train.py --out directories")
+    p.add_argument("--eval", type=existing_path, nargs="+", action="extend", metavar="FILE",
+                   help="held-out text (.txt, or jsonl of {text}), held-out prompts (rlaif jsonl with answers) or "
+                        "multiple-choice questions (C-Eval CSV or a directory of them); default: each run's "
+                        "--val-data, and the held-out text and prompts of the synthetic corpus it trained on")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the report goes (never a run)")
+    p.add_argument("--price-per-hour", type=float, default=2.0, metavar="USD",
+                   help="what an hour of the machine costs, for the cost row (2.0: about an hour of one rented H100)")
+    _eval_device(p)
+    p.add_argument("--force", action="store_true", help="replace an earlier report in --out")
 
 
 def _interop_parsers(sub) -> None:

@@ -3,8 +3,9 @@
 synth corpus -> BPE tokenizer -> prepared data -> pretrain -> SFT -> exact-match accuracy of the SFT
 model on held-out prompts of each task family and language (arithmetic problems, facts and instructions
 that no training file asks: `minimind.data.synth.held_out_prompts`), each beside three of its replies ->
-GRPO on arithmetic prompts -> accuracy on held-out arithmetic before and after GRPO. Each run keeps its
-loss curve (loss.png); the demo ends with the commands that re-run each evaluation and serve the model.
+GRPO on arithmetic prompts -> accuracy on held-out arithmetic before and after GRPO -> the report card of
+the three runs (`minimind report`: out/report/report.md). Each run keeps its loss curve (loss.png); the demo
+ends with the commands that re-run each evaluation and serve the model.
 
 Its settings come from measured runs (BENCHMARKS.md, "Demo accuracy"): a tokenizer that splits digits and
 CJK ideographs, pretraining sized by wall-clock (`--pretrain-time`, so the demo takes about five minutes
@@ -138,6 +139,10 @@ def main(argv=None) -> int:
           f"{before['accuracy']:.1%} after SFT -> {after['correct']}/{after['questions']} = {after['accuracy']:.1%} "
           "after GRPO")
 
+    t = _step("report card (minimind report)")
+    _report(out, held_out)
+    print(f"report card in {time.perf_counter() - t:.0f}s")
+
     print(f"\nloss curves: {out / 'pretrain' / 'loss.png'}  {out / 'sft' / 'loss.png'}  {out / 'grpo' / 'loss.png'}")
     print(f"evaluate:    minimind eval answers --ckpt {out / 'sft'} --data {held_out}")
     print(f"             minimind eval answers --ckpt {out / 'grpo'} --data {grpo_eval}")
@@ -145,6 +150,16 @@ def main(argv=None) -> int:
     print(f"chat:        minimind chat --ckpt {out / 'sft'}")
     print(f"demo done in {time.perf_counter() - t_all:.0f}s")
     return 0
+
+
+def _report(out: Path, held_out: Path) -> None:
+    """The report card of the three runs, side by side, in out/report (`minimind report`)."""
+    from minimind.report import write_report
+    from minimind.report.measure import EvalFiles
+    from minimind.report.runs import read_run
+
+    write_report([read_run(out / name) for name in ("pretrain", "sft", "grpo")], EvalFiles(answers=[held_out]),
+                 out / "report", device="cpu", price=2.0)
 
 
 def _evaluate(ckpt: Path, data: Path, report: Path, show: bool = False) -> dict:

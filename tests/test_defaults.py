@@ -143,7 +143,7 @@ def trainconfig_defaults() -> dict[str, set]:
 # Knobs of the same name that are not the training knob: (file, scope, knob) -> why its default is its own
 OTHER_KNOBS = {
     ("minimind/cli.py", "_eval_arguments", "batch_size"): "`minimind eval`'s rows per forward, not training's",
-    ("minimind/cli.py", "_eval_arguments", "device"): "`minimind eval`'s device",
+    ("minimind/cli.py", "_eval_device", "device"): "`minimind eval`'s and `minimind report`'s device",
     ("minimind/eval/__init__.py", "load_for_eval", "device"): "`minimind eval`'s device, for callers in Python",
     ("minimind/eval/choice.py", "evaluate", "batch_size"): "`minimind eval choice`'s rows per forward",
     ("minimind/eval/lm_eval.py", "MiniMindLM.__init__", "device"): "lm-eval's model wrapper: eval's device",

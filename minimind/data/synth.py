@@ -538,6 +538,38 @@ WRITERS = {"pretrain": pretrain_doc, "sft": sft_doc, "dpo": dpo_doc, "reason": r
            "lora_identity": lora_doc, "rlaif": rlaif_doc}
 
 
+IDENTIFY_SEEDS = 16  # seeds `identify` recognises
+IDENTIFY_LINES = 64  # how far into a file's draws its first line may be (a file filtered from a synth file)
+
+
+def identify(file) -> int | None:
+    """The seed of the synthetic world whose corpus `file` (a jsonl file `write_corpus` wrote, or one
+    filtered from it) comes from, recognised by its first line among the first draws of each file kind,
+    for seeds below IDENTIFY_SEEDS; None for any other data. The report card uses it to score a run on
+    the prompts and text held out of its world."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            first = next((line.strip() for line in f if line.strip()), None)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if first is None:
+        return None
+    for seed in range(IDENTIFY_SEEDS):
+        world = make_world(seed)
+        for name, make in WRITERS.items():
+            rng = random.Random(f"minimind-{name}-{seed}")
+            if any(json.dumps(make(rng, world), ensure_ascii=False) == first for _ in range(IDENTIFY_LINES)):
+                return seed
+    return None
+
+
+def validation_docs(seed: int, n: int = 200) -> list[dict]:
+    """n pretrain-format documents drawn afresh from the world of `seed` (a generator that `write_corpus`
+    never uses): held-out text of the training distribution, for a held-out loss."""
+    world, rng = make_world(seed), random.Random(f"minimind-validation-{seed}")
+    return [pretrain_doc(rng, world) for _ in range(n)]
+
+
 def _count(name: str, scale: float) -> int:
     base, minimum = SIZES[name]
     return max(minimum, round(base * scale))

@@ -96,13 +96,14 @@ def check_lengths(prompts: list[list[int]], questions: list[dict], *, max_new_to
                                 f"{max_new_tokens} it does not fit the model's context of {context} tokens")
 
 
-def evaluate(engine, questions: list[dict], max_new_tokens: int, samples: int = 3) -> dict:
+def evaluate(engine, questions: list[dict], max_new_tokens: int, samples: int = 3,
+             progress: str | None = "eval answers") -> dict:
     """Greedy replies to every question, scored: overall and per family accuracy, `samples` examples each."""
     from infer.engine import SamplingParams
 
     prompts = [engine.encode_chat(q["messages"]) for q in questions]
     check_lengths(prompts, questions, max_new_tokens=max_new_tokens, context=engine.max_len)
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), progress=progress)
     families = defaultdict(lambda: {"questions": 0, "correct": 0, "samples": []})
     for q, out in zip(questions, outs):
         got = out.text.strip()
