@@ -242,7 +242,7 @@ class Trainer:
 
     def _log_row(self, step: Step, lr: float, seconds: float, steps: int, evaluate: bool):
         self.check_finite()
-        row = self.metrics.row(step, number=self.step, lr=lr, seconds=seconds)
+        row = self.metrics.row(step, number=self.step, lr=lr, seconds=seconds, elapsed=self.stopwatch.elapsed())
         if evaluate or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
             row["val_loss"] = self.setup.validate(self.backend.model)
         self.metrics.write(row, eta_s=self.schedule.eta(self.step, seconds / max(1, steps)))
