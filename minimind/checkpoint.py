@@ -39,7 +39,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 # what a training run adds to a checkpoint to resume it (train.py writes and reads them); no pickle but the
 # optimizer's tensors, which load with torch's weights-only unpickler
 TRAINER_STATE = "trainer_state"
-STATE_FILE = "state.json"  # step, tokens seen, data position and fingerprint, world size, stage
+STATE_FILE = "state.json"  # step, tokens seen, time spent, data position and fingerprint, world size, stage
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"  # random state and loss scale
 DEEPSPEED_STATE = "deepspeed"  # DeepSpeed's own files instead of optimizer.pt
@@ -333,6 +333,9 @@ OPTIONAL_STATE_FIELDS = {
     "total_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "elapsed_s": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "data_fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
+    "spent_s": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(s) and math.isfinite(s)
+                                                     and s >= 0 for k, s in v.items()),
+                "an object of part names to finite seconds >= 0"),
 }
 
 

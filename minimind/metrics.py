@@ -50,12 +50,15 @@ class Metrics:
                 out[k] = self.dist.all_reduce_sum(float(v)) / self.dist.world_size
         return out
 
-    def row(self, step, *, number: int, lr: float, seconds: float) -> dict:
-        """The row of step `number` (its Step `step`), with the throughput of the `seconds` since the last row."""
+    def row(self, step, *, number: int, lr: float, seconds: float, elapsed: float) -> dict:
+        """The row of step `number` (its Step `step`), with the throughput of the `seconds` since the last row,
+        the run's wall-clock `elapsed` (--max-time's, resumed runs' earlier time included) and all ranks'
+        tokens so far: what a report plots cost against."""
         row = self.read(step)
         self.sync()
         (tokens, useful), self._window = self._window, (0, 0)
-        row.update(step=number, lr=lr, tokens_per_s=tokens / seconds, useful_tokens_per_s=useful / seconds)
+        row.update(step=number, lr=lr, tokens_per_s=tokens / seconds, useful_tokens_per_s=useful / seconds,
+                   tokens=self.tokens_seen, elapsed_s=round(elapsed, 3))
         return row
 
     def write(self, row: dict, *, eta_s: float) -> None:

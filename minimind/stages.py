@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minimind import objectives
+from minimind import objectives, schedule
 from minimind.batches import DataBatches, to_device
 from minimind.checkpoint import (
     ADAPTER_WEIGHTS,
@@ -50,10 +50,12 @@ class Setup:
     What differs by stage is named in its record (recipes.STAGES) and built from the registries at the
     end of this file; nothing is written back to the caller. `cfg` is the run's config as the run found
     it: a resumed run's model as run.json recorded it, `--set vocab_size=auto` as a number (what a fresh
-    run's run.json records)."""
+    run's run.json records). `prepare_s` is the time spent preparing raw jsonl (--data, --val-data): 0 when
+    prepared directories were given or the cache had them."""
 
     def __init__(self, cfg: TrainConfig, *, device: torch.device, dist: Dist, log: RunLog):
         self.cfg = _resumed(cfg)
+        self.prepare_s = 0.0
         self.spec = STAGES[cfg.stage]  # the stage's record: what differs is read from it
         self.device, self.dist, self.log = device, dist, log
         self.params = PARAMS[self.spec.params](self.cfg)  # which weights train, what a checkpoint holds
@@ -143,6 +145,10 @@ class Setup:
         meta = json.dumps(meta, sort_keys=True)
         return hashlib.sha256(meta.encode()).hexdigest()[:16]
 
+    def data_meta(self) -> dict:
+        """The prepared training data's meta.json (its source, documents and tokens)."""
+        return _meta(self.data_dir)
+
     def frozen(self, path):
         model, _ = load_checkpoint(path, device=self.device, kernels=self.cfg.kernels)
         model.requires_grad_(False)
@@ -217,7 +223,9 @@ class Setup:
             self.log.message(f"preparing {path} -> {cache}")
             # pretrain rows are windows over the token stream, so only chat documents are cut to the row length
             max_len = max(512, self.cfg.seq_len) if self.spec.packs_documents else self.cfg.seq_len
+            began = schedule.clock()
             prepare(self.spec.data, path, self.tokenizer_dir, cache, max_seq_len=max_len)
+            self.prepare_s += schedule.clock() - began
         self.dist.barrier()
         return cache
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimind import distributed
+from minimind import distributed, summary
 from minimind.backend import Step, auto_dtype, make_backend, pick_device, pick_dtype
 from minimind.checkpoint import CheckpointError, checkpoint_inputs
 from minimind.checkpointer import Checkpointer, last_good, saved_any
@@ -34,6 +34,7 @@ from minimind.recipes import STAGES
 from minimind.rundir import RunDir, RunDirBusy
 from minimind.schedule import Schedule, Stopwatch
 from minimind.stages import Setup
+from minimind.summary import Spent
 from minimind.trainconfig import TrainConfig, resolve
 from minimind.trainlog import RunLog
 from minimind.watch import FiniteWatch
@@ -76,6 +77,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.stopwatch = Stopwatch()  # start-up counts inside --max-time: a user waits for it too
+        self.spent = Spent()  # where that time went (summary.json)
         self.cfg = cfg
         self.dist = distributed.setup(cfg)
         self.device = pick_device(cfg.device) if not self.dist.device else self.dist.device
@@ -103,16 +105,14 @@ class Trainer:
 
     def _build(self):
         self.log.message(f"building the {self.cfg.stage} run: model, tokenizer, data (raw jsonl is prepared once)")
-        began = self.stopwatch.now()
         # model, tokenizer, data, objective, batches, trainable params
         self.setup = Setup(self.cfg, device=self.device, dist=self.dist, log=self.log)
         self.cfg = cfg = self.setup.cfg  # as the run found it (--resume's model, vocab_size=auto): run.json's
-        self.startup_s = {"model and data": self.stopwatch.now() - began}
+        self.spent.add("data preparation", self.setup.prepare_s)
         dtype, timing = pick_dtype(cfg.dtype, self.device), None
         if cfg.dtype in (None, "auto") and self.device.type == "cpu":
-            began = self.stopwatch.now()
-            dtype, timing = auto_dtype(cfg, self.setup.model, device=self.device, dist=self.dist, log=self.log)
-            self.startup_s["dtype timing"] = self.stopwatch.now() - began if timing is not None else 0.0
+            with self.spent.timing("dtype timing"):
+                dtype, timing = auto_dtype(cfg, self.setup.model, device=self.device, dist=self.dist, log=self.log)
         self.checkpointer = Checkpointer(cfg, setup=self.setup, dist=self.dist, log=self.log)
         self.schedule = Schedule(cfg, batches_per_epoch=self.setup.batches_per_epoch, log=self.log,
                                  tokens_per_step=self.tokens_per_step, stopwatch=self.stopwatch)
@@ -124,6 +124,9 @@ class Trainer:
         self.metrics = Metrics(log=self.log, dist=self.dist, model=self.setup.model, seq_len=cfg.seq_len,
                                device=self.device, dtype=self.backend.dtype)
         self.watch = FiniteWatch(tolerated=5 if self.backend.scaler.is_enabled() else 1)
+        self.about = None if not self.dist.is_main else summary.about(  # what summary.json says of the run
+            cfg, model=self.setup.model, meta=self.setup.data_meta(), fingerprint=self.checkpointer.fingerprint,
+            device=self.device, world_size=self.dist.world_size, dtype=self.backend.dtype)
         if resumed is not None:
             self.backend.load_state_dict(resumed.backend)
             self.load_state_dict(resumed.trainer)
@@ -180,6 +183,7 @@ class Trainer:
         cfg = self.cfg
         last_log, logged = self.stopwatch.now(), self.step
         self.log.start(self.schedule.total_steps, self.step)
+        self.spent.started(last_log - self.stopwatch.began)
         self._say_plan(started=last_log)
         exit_code, compiling = 0, cfg.compile
         done = self._done()
@@ -192,7 +196,9 @@ class Trainer:
             if compiling:  # the first step of a compiled run is mostly compilation: say how long
                 compiling = False
                 self.check_finite()  # waits for the step to end, so the time is the step's
-                self.log.message(f"torch.compile: step {self.step} took {self.stopwatch.now() - step_began:.1f}s "
+                took = self.stopwatch.now() - step_began
+                self.spent.add("compile", took)
+                self.log.message(f"torch.compile: step {self.step} took {took:.1f}s "
                                  "with compilation (counted in the run's wall-clock and --max-time)")
             self.log.advance()
             self._note_repeats()
@@ -208,6 +214,7 @@ class Trainer:
             if self.step % cfg.save_every == 0:
                 self.save()
         self.save()
+        self.write_summary(finished=exit_code == 0)
         self.log.close()
         self.backend.close()
         if self.dist.enabled:  # DDP, the engine, its optimizer and the model hold the groups (Dist.cleanup)
@@ -226,7 +233,7 @@ class Trainer:
 
     def _say_plan(self, started: float):
         cfg, schedule = self.cfg, self.schedule
-        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.startup_s.items())
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.spent.startup().items())
         self.log.message(f"start-up took {started - self.stopwatch.began:.1f}s ({parts})"
                          + (", counted in --max-time" if cfg.max_time else ""))
         first = min(cfg.log_every * (self.step // cfg.log_every + 1), schedule.total_steps)
@@ -242,9 +249,10 @@ class Trainer:
 
     def _log_row(self, step: Step, lr: float, seconds: float, steps: int, evaluate: bool):
         self.check_finite()
-        row = self.metrics.row(step, number=self.step, lr=lr, seconds=seconds)
+        row = self.metrics.row(step, number=self.step, lr=lr, seconds=seconds, elapsed=self.stopwatch.elapsed())
         if evaluate or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
-            row["val_loss"] = self.setup.validate(self.backend.model)
+            with self.spent.timing("evaluation"):
+                row["val_loss"] = self.setup.validate(self.backend.model)
         self.metrics.write(row, eta_s=self.schedule.eta(self.step, seconds / max(1, steps)))
 
     def _note_repeats(self):
@@ -265,7 +273,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self):
-        """step-N/ (`Checkpointer.save`), after checking that the run and its weights are finite."""
+        """step-N/ (`Checkpointer.save`), after checking that the run and its weights are finite; then
+        summary.json, which says the run has not finished (the run's end writes it once more)."""
+        with self.spent.timing("checkpoints"):
+            self._save()
+        self.write_summary(finished=False)
+
+    def _save(self):
         self.check_finite()
         bad = self.backend.nonfinite_weights()
         if bad:
@@ -277,12 +291,24 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The loop's state as trainer_state/state.json holds it (the checkpointer adds the rest)."""
-        return {"step": self.step, **self.metrics.state_dict(), **self.schedule.state_dict()}
+        return {"step": self.step, **self.metrics.state_dict(), **self.schedule.state_dict(),
+                "spent_s": self.spent.split(self.stopwatch.elapsed())}
 
     def load_state_dict(self, state: dict):
         self.step = state["step"]
         self.metrics.load_state_dict(state)
         self.schedule.load_state_dict(state)
+        self.spent.load_state_dict(state.get("spent_s", {}))
+
+    def write_summary(self, finished: bool):
+        """DIR/summary.json (summary.py): what the run has cost so far; `finished` once training has ended
+        normally (not on a signal). The main rank's."""
+        if not self.dist.is_main:
+            return
+        elapsed = self.stopwatch.elapsed()
+        summary.write(self.out, summary.record(self.about, finished=finished, steps=self.step,
+                                               tokens_seen=self.metrics.tokens_seen, elapsed=elapsed,
+                                               spent=self.spent.split(elapsed), mfu=self.metrics.mfu))
 
 
 class SaveOnSignal:

@@ -70,7 +70,8 @@ class RunLog:
         with writing("metrics.jsonl", self.metrics_file, need=len(line)):
             _append_whole(self.metrics_file, line.encode())
         self.rows.append(row)
-        shown = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "useful_tokens_per_s", "mfu")
+        # the line's fixed part, and what only metrics.jsonl needs (the eta says more than the clock)
+        shown = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "useful_tokens_per_s", "mfu", "tokens", "elapsed_s")
         extras = " | ".join(f"{k} {_fmt(row[k])}" for k in row if k not in shown)
         mfu = f" | mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
         self.message(

@@ -221,7 +221,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_resumable_fake
     assert rc == 1 and "disk full" in err and "checkpoint step-4" in err and "needs about" in err, err[-3000:]
     assert "Traceback" not in err and f"{run / 'step-2'}" in err and "--resume" in err, err[-3000:]
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".lock")) == [
-        "loss.png", "metrics.jsonl", "run.json", "step-2"]
+        "loss.png", "metrics.jsonl", "run.json", "step-2", "summary.json"]
     assert leftovers(run) == []
     load_checkpoint(run / "step-2")
     rc, err = train_inproc(*args, "--out", run, "--resume")

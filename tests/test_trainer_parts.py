@@ -146,9 +146,9 @@ def test_metrics_count_tokens_read_a_step_and_write_a_row():
     m.count(step)
     m.count(step)
     assert m.tokens_so_far() == 64 and m.tokens_seen == 0
-    row = m.row(step, number=2, lr=1e-3, seconds=2.0)
+    row = m.row(step, number=2, lr=1e-3, seconds=2.0, elapsed=7.12345)
     assert row == {"loss": 2.0, "grad_norm": 0.25, "accuracy": 0.5, "step": 2, "lr": 1e-3, "tokens_per_s": 32.0,
-                   "useful_tokens_per_s": 24.0}
+                   "useful_tokens_per_s": 24.0, "tokens": 64, "elapsed_s": 7.123}
     assert list(row)[:2] == ["loss", "grad_norm"]  # metrics.jsonl's key order
     m.write(row, eta_s=5.0)
     assert log.rows == [(row, 5.0)] and row["mfu"] is None  # no peak known on a CPU
