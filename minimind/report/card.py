@@ -111,7 +111,8 @@ def _mfu(run: Run) -> float | None:
 
 def _learned(runs, measured) -> list[Row]:
     s = "What it learned"
-    out = [Row(s, "last training loss", [r.rows[-1].get("loss") for r in runs], "low")]
+    same_objective = len({r.stage for r in runs}) == 1  # GRPO's or DPO's loss is not comparable with pretraining's
+    out = [Row(s, "last training loss", [r.rows[-1].get("loss") for r in runs], "low" if same_objective else None)]
     logged = [next((row["val_loss"] for row in reversed(r.rows) if "val_loss" in row), None) for r in runs]
     if any(v is not None for v in logged):
         out.append(Row(s, "val loss logged by the run", logged, "low"))
