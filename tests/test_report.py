@@ -82,6 +82,32 @@ def test_exact_match_equals_eval_answers(card, tmp_path):
     assert ours["questions"] == len(held_out_prompts(seed=0))  # every held-out prompt of the synthetic world
 
 
+def _row(record: dict, label: str) -> list:
+    return next(r for r in record["table"] if r["label"] == label)["values"]
+
+
+def test_what_it_was_and_cost_equal_the_runs_own_records(card, walkthrough):
+    record = json.loads((card / "report.json").read_text())
+    runs = [walkthrough / "pre", walkthrough / "sft"]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    last_rows = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in runs]
+    assert _row(record, "tokens seen") == [s["tokens_seen"] for s in summaries] == [r["tokens"] for r in last_rows]
+    assert _row(record, "optimizer steps") == [s["steps"] for s in summaries] == [r["step"] for r in last_rows]
+    assert _row(record, "wall-clock") == [s["elapsed_s"] for s in summaries]
+    assert _row(record, "tokens/s") == [s["tokens_per_s"] for s in summaries]
+    assert _row(record, "cost at $2/h") == pytest.approx([s["elapsed_s"] / 3600 * 2.0 for s in summaries])
+    assert _row(record, "stage") == ["pretrain", "sft"] and _row(record, "optimizer") == ["muon", "adamw"]
+    assert _row(record, "last training loss") == [r["loss"] for r in last_rows]
+
+
+def test_multiple_choice_equals_eval_choice(walkthrough, synth_dir, tmp_path):
+    csv = synth_dir / "eval_choice.csv"
+    assert cli(["report", str(walkthrough / "pre"), "--eval", str(csv), "--out", str(tmp_path / "card")]) == 0
+    ours = json.loads((tmp_path / "card" / "report.json").read_text())["runs"][0]["choice"][0]
+    alone = _eval("choice", "--ckpt", walkthrough / "pre", "--data", csv, tmp_path=tmp_path)
+    assert (ours["correct"], ours["total"]) == (alone["overall"]["correct"], alone["overall"]["total"])
+
+
 def test_the_synthetic_worlds_held_out_files_are_held_out(card, synth_dir):
     """What the card wrote as held-out is in none of the corpus's files."""
     corpus = "".join((synth_dir / f).read_text() for f in ("pretrain.jsonl", "sft.jsonl"))
