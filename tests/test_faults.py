@@ -146,13 +146,15 @@ def leftovers(root: Path) -> list[str]:
 # --------------------------------------------------------------------- shared inputs
 @pytest.fixture(scope="module")
 def data(synth_dir, tokenizer_dir, tmp_path_factory):
-    """Prepared pretrain and grpo data, a small text file for `eval ppl`, and a 22 MB pretrain jsonl
-    (the synthetic corpus 30 times) that `prepare` takes seconds on."""
+    """Prepared pretrain and grpo data, a small text file for `eval ppl`, and a 150 MB pretrain jsonl
+    (the synthetic corpus 200 times) that `prepare` takes several seconds on even on a fast machine: a
+    test that stops it must find it still running (at 22 MB a fast CPU finished in 1.2 s, between the
+    test's check that it ran and its signal, and the signal then reached a process already gone)."""
     from minimind.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("faults-data")
     text = (synth_dir / "pretrain.jsonl").read_text()
-    (out / "big.jsonl").write_text(text * 30)
+    (out / "big.jsonl").write_text(text * 200)
     (out / "few.jsonl").write_text("".join(text.splitlines(keepends=True)[:8]))
     return {"pretrain": prepare("pretrain", synth_dir / "pretrain.jsonl", tokenizer_dir, out / "pretrain",
                                 max_seq_len=512),
