@@ -208,6 +208,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     grpo = p.add_argument_group("grpo")
     grpo.add_argument("--group-size", type=positive_int)
     grpo.add_argument("--max-new-tokens", type=positive_int)
+    grpo.add_argument("--sample-rounds", type=positive_int, metavar="N",
+                      help="dynamic sampling (DAPO): a group whose rewards all equal is replaced by another prompt's, "
+                           "for up to N rounds of sampling a step, prompts drawn by their recent success; 1: off")
     _defaults_from_trainconfig(p)
 
 

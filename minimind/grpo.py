@@ -7,6 +7,7 @@ Rewards: exact match on the rlaif `answer` (1), the <think>/<answer> format (0.2
 for running out of tokens without stopping (0.1) and for repeated trigrams (up to 0.2).
 """
 
+import random
 import re
 
 import torch
@@ -51,6 +52,33 @@ def repetition(text: str) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+
+
+class PromptSuccess:
+    """Each prompt's recent exact-match success, a moving average over the groups it was sampled in (keyed
+    by its token ids), and from it the chance that the prompt is used when the data stream offers it: 1
+    until it has been tried, then 4p(1-p), highest for a prompt solved half the time, floored at FLOOR so a
+    prompt always solved (or never) still comes back now and then to be checked."""
+
+    FLOOR = 0.1
+
+    def __init__(self, decay: float = 0.5):
+        self.decay, self.rate = decay, {}
+
+    def record(self, key, success: float) -> None:
+        old = self.rate.get(key)
+        self.rate[key] = success if old is None else self.decay * old + (1 - self.decay) * success
+
+    def weight(self, key) -> float:
+        p = self.rate.get(key)
+        return 1.0 if p is None else max(self.FLOOR, 4 * p * (1 - p))
+
+
+def has_signal(rewards: torch.Tensor) -> bool:
+    """A group whose rewards all equal has no advantage: it adds nothing but the KL term to the update."""
+    return bool((rewards.max() - rewards.min()) > 1e-6)
+
+
 class Rollouts(DataBatches):
     """GRPO's batches (a stage record's `batches="rollouts"`): each step's prompts, read from prepared grpo
     data, with a group of completions each sampled from the policy as it is now, scored (`reward`) and
@@ -68,7 +96,9 @@ class Rollouts(DataBatches):
         # no CUDA graphs: the policy trains between rollouts (dropout, and DeepSpeed may re-point weights)
         self.engine = Engine(model, self.tokenizer, max_batch=cfg.batch_size * self.group, cuda_graphs=False)
         self._check_rollout_length()
-        self.rollouts = 0
+        self.rollouts, self.want, self.rounds = 0, cfg.batch_size, cfg.sample_rounds
+        self.success, self._offered = PromptSuccess(), []
+        self._rng = random.Random(cfg.seed)
 
     @staticmethod
     def check_data(data_dir):
@@ -92,24 +122,71 @@ class Rollouts(DataBatches):
         return [(b, b) for b in (self.next_batch() for _ in range(n))]
 
     def next_batch(self) -> RolloutBatch:
+        """A group of completions for each of --batch-size prompts. With --sample-rounds N > 1 (DAPO's dynamic
+        sampling) only groups that carry signal are kept: a group whose rewards all equal is dropped and more
+        prompts are sampled, for at most N rounds, each prompt of the data stream used with its PromptSuccess
+        weight; if none differs, the last round's groups are kept (their advantages are zero). `zero_adv` and
+        `sampled` say how many groups had no signal and what the step sampled."""
+        if self.rounds == 1:
+            groups = self._sample_groups(self._draw(self.want, weighted=False))
+            zero = sum(not has_signal(r) for _, _, r in groups)
+            return self._batch(groups, [r for _, _, r in groups], zero / len(groups), len(groups))
+        kept, last, rewards_all, sampled, zero = [], [], [], 0, 0
+        for _ in range(self.rounds):
+            last = self._sample_groups(self._draw(self.want - len(kept)))
+            for group in last:
+                prompt, _, rewards = group
+                sampled += 1
+                rewards_all.append(rewards)
+                self.success.record(tuple(prompt), float((rewards >= 1.0).float().mean()))
+                if has_signal(rewards):
+                    kept.append(group)
+                else:
+                    zero += 1
+            if len(kept) >= self.want:
+                break
+        return self._batch(kept or last, rewards_all, zero / sampled, sampled)
+
+    def _batch(self, groups, rewards_all: list[torch.Tensor], zero_adv: float, sampled: int) -> RolloutBatch:
+        """The groups packed with their advantages (reward minus the group's mean, over its std); the logged
+        reward is the mean over every group sampled, kept or not."""
+        rewards = torch.stack([r for _, _, r in groups])  # (prompts, g)
+        adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+        flat = [p for p, _, _ in groups for _ in range(self.group)]
+        completions = [c for _, cs, _ in groups for c in cs]
+        return self._pack(flat, completions, adv, torch.cat(rewards_all), zero_adv, sampled)
+
+    def _draw(self, n: int, weighted: bool = True) -> list[tuple[list[int], str | None]]:
+        """n prompts (ids, answer) from the data stream, each offered one used with its PromptSuccess weight
+        (all of them in order when not `weighted`)."""
+        out = []
+        while len(out) < n:
+            if not self._offered:
+                batch = next(self._iter)
+                self._offered = list(zip(batch.prompt_ids, batch.answers))
+            prompt, answer = self._offered.pop(0)
+            if not weighted or self._rng.random() < self.success.weight(tuple(prompt)):
+                out.append((prompt, answer))
+        return out
+
+    def _sample_groups(self, prompts) -> list[tuple[list[int], list[list[int]], torch.Tensor]]:
+        """(prompt ids, its group's completions, their rewards) per prompt, sampled from the policy as it is."""
         from infer.engine import SamplingParams
 
-        prompts = next(self._iter)
         g = self.group
         seed = self.seed * 1_000_003 + self.rollouts
         self.rollouts += 1
-        flat = [p for p in prompts.prompt_ids for _ in range(g)]
+        flat = [p for p, _ in prompts for _ in range(g)]
         params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0, top_p=1.0,
                                  seed=seed + i) for i in range(len(flat))]
         drop_packed(self.model)  # the optimizer may have written weights through .data (DeepSpeed)
         outs = self.engine.generate(flat, params)
-        answers = [a for a in prompts.answers for _ in range(g)]
-        rewards = torch.tensor([reward(o.text, a, o.finish_reason == "stop") for o, a in zip(outs, answers)])
-        grouped = rewards.view(-1, g)
-        adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
-        return self._pack(flat, [o.token_ids for o in outs], adv, rewards)
+        rewards = torch.tensor([reward(o.text, a, o.finish_reason == "stop")
+                                for o, a in zip(outs, [a for _, a in prompts for _ in range(g)])])
+        return [(p, [o.token_ids for o in outs[i * g : (i + 1) * g]], rewards[i * g : (i + 1) * g])
+                for i, (p, _) in enumerate(prompts)]
 
-    def _pack(self, prompts, completions, adv, rewards) -> RolloutBatch:
+    def _pack(self, prompts, completions, adv, rewards, zero_adv: float, sampled: int) -> RolloutBatch:
         eos = self.tokenizer.eos_token_id
         seqs = [p + c for p, c in zip(prompts, completions)]
         t = max(len(s) for s in seqs) - 1
@@ -124,7 +201,8 @@ class Rollouts(DataBatches):
             old = token_logps(self.model, ids, targets)
             ref = token_logps(self.ref, ids, targets)
         return RolloutBatch(ids, targets, weights.to(self.device), None, adv.to(self.device), old, ref,
-                            rewards.to(self.device))
+                            rewards.to(self.device), torch.tensor(zero_adv, device=self.device),
+                            torch.tensor(float(sampled), device=self.device))
 
 
 @torch.no_grad()

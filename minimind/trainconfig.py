@@ -75,6 +75,7 @@ class TrainConfig:
     lora_targets: str | None = None  # comma-separated module names (default: every projection)
     group_size: int = 4  # grpo
     max_new_tokens: int = 64  # grpo
+    sample_rounds: int = 1  # grpo: rounds a step may sample to replace groups without signal (1: off)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
