@@ -146,15 +146,13 @@ def leftovers(root: Path) -> list[str]:
 # --------------------------------------------------------------------- shared inputs
 @pytest.fixture(scope="module")
 def data(synth_dir, tokenizer_dir, tmp_path_factory):
-    """Prepared pretrain and grpo data, a small text file for `eval ppl`, and a 150 MB pretrain jsonl
-    (the synthetic corpus 200 times) that `prepare` takes several seconds on even on a fast machine: a
-    test that stops it must find it still running (at 22 MB a fast CPU finished in 1.2 s, between the
-    test's check that it ran and its signal, and the signal then reached a process already gone)."""
+    """Prepared pretrain and grpo data, a small text file for `eval ppl`, and a 22 MB pretrain jsonl
+    (the synthetic corpus 30 times) that `prepare` takes seconds on."""
     from minimind.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("faults-data")
     text = (synth_dir / "pretrain.jsonl").read_text()
-    (out / "big.jsonl").write_text(text * 200)
+    (out / "big.jsonl").write_text(text * 30)
     (out / "few.jsonl").write_text("".join(text.splitlines(keepends=True)[:8]))
     return {"pretrain": prepare("pretrain", synth_dir / "pretrain.jsonl", tokenizer_dir, out / "pretrain",
                                 max_seq_len=512),
@@ -379,11 +377,19 @@ def wait_for(condition, timeout: float, step: float = 0.05) -> bool:
     return condition()
 
 
+def _sigint_as_in_a_terminal():
+    """A command started from a terminal has SIGINT at its default; one started under a shell's background
+    job (`make test &`, how CI may run) inherits it ignored, and Python then installs no KeyboardInterrupt:
+    such a prepare ran to the end through the test's SIGINT and exited 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_prepare(data, tokenizer_dir, out: Path) -> tuple[subprocess.Popen, list[int]]:
     """A 3-worker prepare of the big input, once its workers are encoding. -> (process, worker pids)."""
     proc = subprocess.Popen([*CLI, "prepare", "--stage", "pretrain", "--input", str(data["big"]), "--tokenizer",
                              str(tokenizer_dir), "--out", str(out), "--workers", "3"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     assert wait_for(lambda: len(children(proc.pid)) >= 3 or proc.poll() is not None, timeout=120), "no workers"
     workers = children(proc.pid)
     assert wait_for(lambda: any(out.parent.glob(f".{out.name}.tmp-*")), timeout=60)
