@@ -47,6 +47,18 @@ def load_for_eval(ckpt, device: str = "auto", dtype: str | None = None, allow_no
         raise CheckpointError(str(e)) from None
 
 
+def json_lines(lines: list[str], where, error: type[Exception] = EvalDataError):
+    """(line number, parsed value) of each non-blank line of a jsonl file; a line that is not JSON raises
+    `error` naming `where`:LINE and the column."""
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}:{number}: not valid JSON (column {e.colno}: {e.msg})") from None
+
+
 def check_data_file(file: Path) -> Path:
     """--data must be a readable file (an existing directory gives IsADirectoryError deep in the reader)."""
     file = Path(file)

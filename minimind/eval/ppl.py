@@ -8,7 +8,6 @@ does not see the one before it). Perplexity = exp(mean NLL per token); bits per 
 / ln 2 / UTF-8 bytes of the text, comparable across tokenizers.
 """
 
-import json
 import math
 import sys
 
@@ -22,6 +21,7 @@ from minimind.eval import (
     check_data_file,
     check_report,
     check_report_path,
+    json_lines,
     load_for_eval,
     special_token,
     write_report,
@@ -60,13 +60,7 @@ def read_documents(file) -> list[str]:
             raise EvalDataError(f"{file}: empty file")
         return [raw]
     docs = []
-    for line, text in enumerate(raw.splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{file}:{line}: not valid JSON (column {e.colno}: {e.msg})") from None
+    for line, obj in json_lines(raw.splitlines(), file):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise EvalDataError(f"{file}:{line}: expected an object with a string field 'text'")
         docs.append(obj["text"])

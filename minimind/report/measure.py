@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimind.eval import EvalDataError, load_for_eval, repetition, special_token
+from minimind.eval import EvalDataError, json_lines, load_for_eval, repetition, special_token
 from minimind.eval import answers as answers_eval
 from minimind.eval import choice as choice_eval
 from minimind.eval import ppl as ppl_eval
@@ -65,13 +65,7 @@ def _jsonl_kind(path: Path) -> str:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ReportError(f"--eval {path}: unreadable ({e})") from None
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"--eval {path}:{number}: not valid JSON (column {e.colno}: {e.msg})") from None
+    for number, obj in json_lines(lines, f"--eval {path}", ReportError):
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             return "text"
         if isinstance(obj, dict) and isinstance(obj.get("conversations"), list):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimind.checkpoint import CheckpointError, resolve_checkpoint
+from minimind.eval import json_lines
 
 CHAT_STAGES = ("sft", "lora", "dpo", "distill", "reason", "grpo")
 
@@ -88,13 +89,7 @@ def read_rows(file: Path) -> list[dict]:
     if not file.is_file():
         return []
     rows = []
-    for line, text in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{file}:{line}: not valid JSON (column {e.colno}: {e.msg})") from None
+    for line, row in json_lines(file.read_text(encoding="utf-8").splitlines(), file, ReportError):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise ReportError(f"{file}:{line}: expected an object with an integer 'step'")
         rows.append(row)
